@@ -1,0 +1,178 @@
+"""The method contract, its registry and the shared helpers.
+
+Every method is a function ``fn(model, images[B,3,H,W], targets[B], *, **params)
+-> heatmaps[B,H,W]`` registered with :func:`register_method`. :func:`explain` wraps
+each call with the input checks and :func:`~saliencybench.modelutil.model_guard`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InvalidInputError, NotApplicableError
+from ..modelutil import model_guard, num_classes
+from ..registry import Registry, keyword_defaults
+from ..validation import check_images, check_targets
+
+MethodFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Applicability:
+    """Whether a method's defining rule holds on a model, and why not."""
+
+    applicable: bool
+    reason: str = ""
+
+
+@dataclass
+class MethodSpec:
+    """A registered explanation method: callable plus metadata."""
+
+    name: str
+    fn: MethodFn
+    paper: str
+    family: str
+    params: dict[str, Any] = field(default_factory=dict)
+    needs_grad: bool = True
+    applicability: Callable[[nn.Module], Applicability] | None = None
+    summary: str = ""
+
+    def check(self, model: nn.Module) -> Applicability:
+        """Tell whether the method applies to ``model`` (it may still run when not)."""
+        return self.applicability(model) if self.applicability else Applicability(True)
+
+    def resolve_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The method's defaults updated with ``params``; unknown names are an error."""
+        unknown = sorted(set(params) - set(self.params))
+        if unknown:
+            raise InvalidInputError(
+                f"method {self.name!r} has no parameter(s) {unknown}; its parameters are "
+                f"{sorted(self.params)}"
+            )
+        return {**self.params, **params}
+
+
+METHODS: Registry[MethodSpec] = Registry("method")
+
+
+def register_method(
+    name: str,
+    *,
+    paper: str,
+    family: str,
+    needs_grad: bool = True,
+    applicability: Callable[[nn.Module], Applicability] | None = None,
+) -> Callable[[MethodFn], MethodFn]:
+    """Decorator registering ``fn`` as method ``name`` with its paper and family."""
+
+    def deco(fn: MethodFn) -> MethodFn:
+        summary = (fn.__doc__ or "").strip().split("\n")[0]
+        METHODS.add(
+            name,
+            MethodSpec(name, fn, paper, family, keyword_defaults(fn), needs_grad, applicability, summary),
+        )
+        return fn
+
+    return deco
+
+
+def list_methods() -> list[str]:
+    """Names of all registered methods, sorted."""
+    return METHODS.names()
+
+
+def get_method(name: str) -> MethodSpec:
+    """The :class:`MethodSpec` registered as ``name`` (unknown names list the valid ones)."""
+    return METHODS.get(name)
+
+
+def explain(
+    model: nn.Module, images: torch.Tensor, targets: torch.Tensor | list[int] | int, method: str = "gradcam", **params: Any
+) -> torch.Tensor:
+    """Explain ``model``'s target scores on ``images`` with a registered method.
+
+    images: float Tensor[B,3,H,W], already normalised for the model.
+    targets: LongTensor[B] of class indices (an int applies to every image).
+    Returns float32 Tensor[B,H,W] at the input resolution on ``images.device``,
+    not normalised. The model is left exactly as it was found.
+    """
+    spec = get_method(method)
+    images = check_images(images)
+    targets = check_targets(targets, images.shape[0], num_classes(model)).to(images.device)
+    resolved = spec.resolve_params(params)
+    with model_guard(model):
+        with torch.enable_grad() if spec.needs_grad else torch.inference_mode():
+            heat = spec.fn(model, images, targets, **resolved)
+    heat = heat.detach().float()
+    b, _, h, w = images.shape
+    if tuple(heat.shape) != (b, h, w):
+        raise RuntimeError(f"method {method!r} returned shape {tuple(heat.shape)}, expected {(b, h, w)}")
+    bad = (~torch.isfinite(heat)).flatten(1).any(1)
+    if bad.any():
+        raise InvalidInputError(
+            f"method {method!r} produced NaN or infinite heatmaps for samples "
+            f"{bad.nonzero().flatten().tolist()}; check the inputs and the model's outputs for overflow"
+        )
+    return heat.clone()
+
+
+# ---- helpers shared by method families -------------------------------------------------
+
+REDUCTIONS = ("max_abs", "sum_abs", "l2", "sum")
+
+
+def reduce_channels(attributions: torch.Tensor, reduce: str = "max_abs") -> torch.Tensor:
+    """Reduce input attributions Tensor[B,3,H,W] to a heatmap Tensor[B,H,W].
+
+    ``max_abs``: max over channels of the absolute value (Simonyan et al. 2014);
+    ``sum_abs``, ``l2`` (Euclidean norm over channels) and ``sum`` (signed).
+    """
+    if reduce == "max_abs":
+        return attributions.abs().amax(1)
+    if reduce == "sum_abs":
+        return attributions.abs().sum(1)
+    if reduce == "l2":
+        return attributions.norm(dim=1)
+    if reduce == "sum":
+        return attributions.sum(1)
+    raise InvalidInputError(f"unknown channel reduction {reduce!r}; use one of {REDUCTIONS}")
+
+
+def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinearly upsample Tensor[B,h,w] to Tensor[B,H,W] (align_corners=False)."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def batch_slices(total: int, batch_size: int) -> list[slice]:
+    """Consecutive slices of ``range(total)`` of at most ``batch_size`` items."""
+    if batch_size < 1:
+        raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
+    return [slice(i, min(i + batch_size, total)) for i in range(0, total, batch_size)]
+
+
+def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A seeded ``torch.Generator`` on the CPU (draws are moved to ``device``)."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed(int(seed))
+    return g
+
+
+def warn_not_applicable(method: str, reason: str, category: type[Warning]) -> None:
+    """Warn that ``method`` ran outside its defining conditions."""
+    warnings.warn(f"{method}: {reason}", category, stacklevel=4)
+
+
+__all__ = [
+    "Applicability", "MethodSpec", "METHODS", "NotApplicableError", "register_method", "list_methods",
+    "get_method", "explain", "reduce_channels", "upsample", "batch_slices", "generator",
+]

@@ -1,0 +1,196 @@
+"""Model plumbing shared by methods and metrics: state guard, scores, layers, heads.
+
+Nothing here keeps state on the model: :func:`model_guard` puts the model in eval
+mode and freezes its parameters for the duration of a call, and restores training
+flags, ``requires_grad`` and ``inplace`` flags and removes every hook on exit, also
+when an exception is raised midway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import InvalidInputError, NotApplicableError, UnknownNameError
+
+SCORES = ("logit", "probability", "log_probability")
+
+
+@dataclass
+class GuardState:
+    """Handles and attribute changes registered during a guarded call, undone on exit."""
+
+    handles: list = field(default_factory=list)
+    restore: list[Callable[[], None]] = field(default_factory=list)
+
+
+@contextmanager
+def model_guard(model: nn.Module, *, freeze: bool = True) -> Iterator[GuardState]:
+    """Run a block with ``model`` in eval mode (and frozen parameters); restore it after.
+
+    Yields a :class:`GuardState` whose ``handles`` (hook handles) are removed and
+    whose ``restore`` callables are run when the block exits, whatever happens.
+    """
+    training = [(m, m.training) for m in model.modules()]
+    requires = [(p, p.requires_grad) for p in model.parameters()]
+    state = GuardState()
+    try:
+        model.eval()
+        if freeze:
+            for p, _ in requires:
+                p.requires_grad_(False)
+        yield state
+    finally:
+        for h in state.handles:
+            h.remove()
+        for undo in reversed(state.restore):
+            undo()
+        for m, flag in training:
+            m.training = flag
+        for p, flag in requires:
+            p.requires_grad_(flag)
+
+
+def target_score(logits: torch.Tensor, targets: torch.Tensor, score: str = "logit") -> torch.Tensor:
+    """Select the target class score from ``logits[B,C]``: Tensor[B].
+
+    ``score`` is ``"logit"`` (pre-softmax, the default of every method),
+    ``"probability"`` (softmax) or ``"log_probability"`` (log-softmax).
+    """
+    if score == "logit":
+        vals = logits
+    elif score == "probability":
+        vals = logits.softmax(-1)
+    elif score == "log_probability":
+        vals = logits.log_softmax(-1)
+    else:
+        raise InvalidInputError(f"unknown score {score!r}; use one of {SCORES}")
+    return vals.gather(1, targets.view(-1, 1)).squeeze(1)
+
+
+def num_classes(model: nn.Module) -> int | None:
+    """Number of output classes of a timm-style model, or ``None`` if it cannot be told."""
+    n = getattr(model, "num_classes", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """Return the submodule called ``name``; an unknown name lists the candidates."""
+    modules = dict(model.named_modules())
+    if name not in modules or name == "":
+        raise UnknownNameError("layer", name, [n for n in modules if n])
+    return modules[name]
+
+
+def has_feature_head_split(model: nn.Module) -> bool:
+    """Whether the model exposes timm's ``forward_features`` / ``forward_head`` split."""
+    return callable(getattr(model, "forward_features", None)) and callable(getattr(model, "forward_head", None))
+
+
+def forward_with_layer(
+    model: nn.Module, images: torch.Tensor, layer: str | None, state: GuardState, grad: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward ``images`` and capture one layer's output: ``(activations, logits)``.
+
+    ``layer=None`` means the output of timm's ``forward_features`` (the last feature
+    map, before pooling); otherwise the output of the named module, captured by a
+    forward hook registered on ``state`` (so it is removed by :func:`model_guard`).
+    With ``grad=True`` the captured activation is a leaf that requires grad and the
+    rest of the forward runs from it, so ``autograd.grad(logits, activations)``
+    works even when the model's parameters and input are frozen, and the backward
+    pass stops at that layer.
+    """
+    if layer is None:
+        if not has_feature_head_split(model):
+            raise NotApplicableError(
+                f"{type(model).__name__} has no forward_features/forward_head (timm) split, so the "
+                "default layer cannot be found; pass layer='<module name>'"
+            )
+        feats = model.forward_features(images)
+        if grad:
+            feats = feats.detach().requires_grad_(True)
+        return feats, model.forward_head(feats)
+    module = get_module(model, layer)
+    captured: list[torch.Tensor] = []
+
+    def hook(_m: nn.Module, _inp: object, out: torch.Tensor) -> torch.Tensor:
+        if not isinstance(out, torch.Tensor) or out.ndim != 4:
+            raise NotApplicableError(
+                f"layer {layer!r} outputs {type(out).__name__} "
+                f"{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}; a 4-D feature map "
+                "[B,K,h,w] is needed: choose a convolutional layer"
+            )
+        if grad:
+            out = out.detach().requires_grad_(True)
+        captured.append(out)
+        # Later in-place ops (ReLU(inplace=True)) must not overwrite the captured map.
+        return out.clone()
+
+    handle = module.register_forward_hook(hook)
+    state.handles.append(handle)
+    try:
+        logits = model(images)
+    finally:
+        handle.remove()
+    if not captured:
+        raise NotApplicableError(f"layer {layer!r} was not called in the forward pass; choose another layer")
+    return captured[-1], logits
+
+
+def gap_linear_head(model: nn.Module, feats: torch.Tensor, logits: torch.Tensor) -> nn.Linear:
+    """Return the linear classifier if ``logits == Linear(GAP(feats))``; else raise.
+
+    The check is structural (``get_classifier()`` is one ``nn.Linear`` over the
+    feature channels) and numerical (the head's output equals that linear layer on
+    the spatial mean of ``feats[B,K,h,w]``), so any head with extra layers
+    (VGG's conv-MLP, MobileNetV3's conv head after pooling, max pooling) is refused.
+    """
+    name = type(model).__name__
+    get_classifier = getattr(model, "get_classifier", None)
+    fc = get_classifier() if callable(get_classifier) else None
+    if not isinstance(fc, nn.Linear):
+        raise NotApplicableError(
+            f"CAM needs a head of global average pooling followed by one linear classifier; "
+            f"{name}'s classifier is {type(fc).__name__}. Use gradcam, which needs no such structure"
+        )
+    if feats.ndim != 4 or fc.in_features != feats.shape[1]:
+        raise NotApplicableError(
+            f"CAM needs the classifier to act directly on the pooled final feature maps; {name}'s "
+            f"classifier takes {fc.in_features} inputs but forward_features gives "
+            f"{tuple(feats.shape[1:])} (there are layers between pooling and the classifier, as in "
+            "VGG's MLP or MobileNetV3's conv head). Use gradcam instead"
+        )
+    expected = F.linear(feats.mean((2, 3)), fc.weight, fc.bias)
+    if not torch.allclose(expected, logits, rtol=1e-4, atol=1e-4 * float(logits.abs().max()) + 1e-6):
+        raise NotApplicableError(
+            f"CAM needs logits = Linear(global average pool(features)); {name}'s head computes something "
+            "else (another pooling or extra layers between pooling and the classifier). Use gradcam instead"
+        )
+    return fc
+
+
+ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softplus,
+)
+RELU_TYPES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
+
+
+def activation_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """All activation modules of the model (torch's and timm's), with their names."""
+    found = []
+    for name, m in model.named_modules():
+        cls = type(m).__name__
+        if isinstance(m, ACTIVATION_TYPES) or cls in {"Swish", "HardSwish", "HardSigmoid", "GELUTanh", "QuickGELU"}:
+            found.append((name, m))
+    return found
+
+
+def non_relu_activations(model: nn.Module) -> list[str]:
+    """Class names of the model's activation modules that are not ReLU or ReLU6."""
+    return sorted({type(m).__name__ for _, m in activation_modules(model) if not isinstance(m, RELU_TYPES)})
