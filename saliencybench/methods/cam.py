@@ -126,6 +126,19 @@ def gradcam(
     return upsample(gradcam_maps(model, images, targets, layer, score, batch_size), images.shape[-2:])
 
 
+def gradcam_pp_maps(
+    model: nn.Module, images: torch.Tensor, targets: torch.Tensor, layer: str | None = None, score: str = "logit",
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Grad-CAM++ at the layer's resolution: Tensor[B,h,w] (see :func:`gradcam_pp`)."""
+    a, g, _ = layer_activations(model, images, targets, layer, score, True, batch_size)
+    g2 = g.pow(2)
+    denom = 2 * g2 + a.sum((2, 3), keepdim=True) * g2 * g + 1e-6
+    aij = torch.where(g != 0, g2 / denom, torch.zeros_like(g))
+    w = (F.relu(g) * aij).sum((2, 3), keepdim=True)
+    return F.relu((w * a).sum(1))
+
+
 @register_method(
     "gradcam_pp",
     paper="Chattopadhyay, Sarkar, Howlader, Balasubramanian. Grad-CAM++: Generalized Gradient-Based Visual "
@@ -141,15 +154,35 @@ def gradcam_pp(
     a_ij = g^2 / (2 g^2 + sum_ab A_ab g^3) where g != 0 (else 0);
     w_k = sum_ij a_ij relu(g_ij); map = ReLU(sum_k w_k A_k), upsampled. Tensor[B,H,W].
     """
-    a, g, _ = layer_activations(model, images, targets, layer, score, True, batch_size)
-    g2 = g.pow(2)
-    denom = 2 * g2 + a.sum((2, 3), keepdim=True) * g2 * g + 1e-6
-    aij = torch.where(g != 0, g2 / denom, torch.zeros_like(g))
-    w = (F.relu(g) * aij).sum((2, 3), keepdim=True)
-    return upsample(F.relu((w * a).sum(1)), images.shape[-2:])
+    return upsample(gradcam_pp_maps(model, images, targets, layer, score, batch_size), images.shape[-2:])
 
 
 SCORECAM_WEIGHTS = ("probability", "channel_softmax")
+
+
+def scorecam_maps(
+    model: nn.Module, images: torch.Tensor, targets: torch.Tensor, layer: str | None = None,
+    weights: str = "probability", align_corners: bool = False, batch_size: int = 64,
+) -> torch.Tensor:
+    """Score-CAM at the layer's resolution: Tensor[B,h,w] (see :func:`scorecam`)."""
+    if weights not in SCORECAM_WEIGHTS:
+        raise InvalidInputError(f"unknown Score-CAM weights {weights!r}; use one of {SCORECAM_WEIGHTS}")
+    a, _, _ = layer_activations(model, images, targets, layer, with_grads=False, batch_size=batch_size)
+    b, k = a.shape[:2]
+    h, w = images.shape[-2:]
+    kind = "probability" if weights == "probability" else "logit"
+    scores = torch.empty(b, k, device=images.device, dtype=a.dtype)
+    for i in range(b):
+        up = F.interpolate(a[i : i + 1], size=(h, w), mode="bilinear", align_corners=align_corners)[0]
+        lo = up.flatten(1).amin(1).view(k, 1, 1)
+        hi = up.flatten(1).amax(1).view(k, 1, 1)
+        masks = (up - lo) / (hi - lo + 1e-8)
+        for sl in batch_slices(k, batch_size):
+            logits = model(images[i : i + 1] * masks[sl, None])
+            scores[i, sl] = target_score(logits, targets[i : i + 1].expand(logits.shape[0]), kind)
+    if weights == "channel_softmax":
+        scores = scores.softmax(1)
+    return F.relu((scores[:, :, None, None] * a).sum(1))
 
 
 @register_method(
@@ -171,25 +204,8 @@ def scorecam(
     (pytorch-grad-cam). map = ReLU(sum_k w_k A_k), upsampled. Forward passes:
     B x K, batched ``batch_size`` at a time. Returns Tensor[B,H,W].
     """
-    if weights not in SCORECAM_WEIGHTS:
-        raise InvalidInputError(f"unknown Score-CAM weights {weights!r}; use one of {SCORECAM_WEIGHTS}")
-    a, _, _ = layer_activations(model, images, targets, layer, with_grads=False, batch_size=batch_size)
-    b, k = a.shape[:2]
-    h, w = images.shape[-2:]
-    scores = torch.empty(b, k, device=images.device, dtype=torch.float32)
-    for i in range(b):
-        up = F.interpolate(a[i : i + 1], size=(h, w), mode="bilinear", align_corners=align_corners)[0]
-        lo = up.flatten(1).amin(1).view(k, 1, 1)
-        hi = up.flatten(1).amax(1).view(k, 1, 1)
-        masks = (up - lo) / (hi - lo + 1e-8)
-        tgt = targets[i : i + 1]
-        for sl in batch_slices(k, batch_size):
-            logits = model(images[i : i + 1] * masks[sl, None])
-            kind = "probability" if weights == "probability" else "logit"
-            scores[i, sl] = target_score(logits, tgt.expand(logits.shape[0]), kind).float()
-    if weights == "channel_softmax":
-        scores = scores.softmax(1)
-    return upsample(F.relu((scores[:, :, None, None] * a).sum(1)), (h, w))
+    maps = scorecam_maps(model, images, targets, layer, weights, align_corners, batch_size)
+    return upsample(maps, images.shape[-2:])
 
 
 @register_method(
