@@ -134,18 +134,19 @@ CAM_MODELS = [(case, name) for case in CAM_CASES for name in ("resnet", "effnet"
 def test_cam_family_equals_pytorch_grad_cam(case, name, request, targets):
     """Layer-resolution maps equal pytorch-grad-cam's to 1e-6; its final (min-max scaled,
     OpenCV-resized) output, unscaled, equals our upsampled map up to the difference of
-    OpenCV's resize and torch's bilinear align_corners=False (under 0.5% of the maximum)."""
+    OpenCV's resize and torch's bilinear align_corners=False (about 1% of the maximum)."""
     method, cls, maps_fn, params, attrs = case
     model = request.getfixturevalue(name)
-    size = 64 if method == "scorecam" else 96
-    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    b, size = (1, 48) if method == "scorecam" else (2, 96)  # Score-CAM: one forward per channel
+    x = torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    targets = targets[:b]
     layer = model.get_submodule(params["layer"]) if "layer" in params else last_stage(model)
     ref_up, ref_small = _pgc(cls, model, x, targets, layer, **attrs)
     small = maps_fn(model, x, targets, **params)
     close(small, ref_small, rtol=1e-6)
     assert small.max() > 0
     ours = sb.explain(model, x, targets, method, **params)
-    close(ours, _unscale(ref_up, small), rtol=5e-3)
+    close(ours, _unscale(ref_up, small), rtol=1e-2)
 
 
 @pytest.mark.parametrize("name", ["resnet", "effnet"])

@@ -56,7 +56,8 @@ def cam_applicability(model: nn.Module) -> Applicability:
         return Applicability(False, f"{type(model).__name__} has no timm forward_features/forward_head split")
     param = next(model.parameters(), None)
     size = getattr(model, "pretrained_cfg", {}).get("input_size", (3, 64, 64))[-1]
-    x = torch.zeros(1, 3, min(int(size), 128), min(int(size), 128), device=param.device if param is not None else "cpu")
+    x = torch.zeros(1, 3, min(int(size), 128), min(int(size), 128), device=param.device if param is not None else "cpu",
+                    dtype=param.dtype if param is not None and param.is_floating_point() else torch.float32)
     x = x + torch.linspace(-1, 1, x.shape[-1], device=x.device)
     was = model.training
     try:
