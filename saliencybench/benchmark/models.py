@@ -1,0 +1,278 @@
+"""Models: the embedded default models trained on the synthetic set, any timm name,
+and local checkpoints.
+
+A model is returned as a :class:`ModelBundle`: the module in eval mode, its class
+names, and its preprocessing (input size, mean, std) from timm's data config.
+Default models are trained on first use and cached under the user cache
+directory (``$SALIENCYBENCH_CACHE`` or ``~/.cache/saliencybench``) as
+safetensors, keyed by a hash of their recipe; ``saliencybench train`` rebuilds
+them. Checkpoints load with safetensors or ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from timm.models.resnet import BasicBlock, ResNet
+from timm.models.vgg import VGG
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import SaliencyBenchError
+from ..registry import Registry
+from .datasets import SHAPES, get_dataset
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SYNTHETIC_MEAN = (0.5, 0.5, 0.5)
+SYNTHETIC_STD = (0.25, 0.25, 0.25)
+
+
+class ModelLoadError(SaliencyBenchError):
+    """A model that cannot be built or whose weights cannot be loaded."""
+
+
+@dataclass
+class ModelBundle:
+    """A model ready to explain, with what is needed to feed it."""
+
+    name: str
+    model: nn.Module
+    classes: list[str]
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """Images Tensor[B,3,H,W] in [0,1] -> normalised for the model (same shape)."""
+        mean = torch.tensor(self.mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+        return (images - mean) / std
+
+
+# ---- default models: trained on the synthetic set -------------------------------------
+
+def _synthetic_resnet(num_classes: int) -> nn.Module:
+    """timm ResNet (BasicBlock, 1-1-1-1, narrow), output stride 16: 7x7 maps at 112 px, GAP+FC head."""
+    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes, channels=(16, 32, 64, 128), stem_width=16,
+                  output_stride=16)
+
+
+def _synthetic_vgg(num_classes: int) -> nn.Module:
+    """timm VGG (conv-MLP head after the features: CAM does not apply), output stride 16."""
+    return VGG([16, "M", 32, "M", 64, 64, "M", 128, 128, "M"], num_classes=num_classes, mlp_ratio=0.0625)
+
+
+def _synthetic_mobilenet(num_classes: int) -> nn.Module:
+    """timm MobileNetV2 (width 0.5, inverted residuals, ReLU6), output stride 16, GAP+FC head."""
+    return timm.create_model("mobilenetv2_050", num_classes=num_classes, output_stride=16)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines a default model's weights; its hash keys the cache."""
+
+    arch: str
+    size: int = 112
+    n_train: int = 2400
+    n_val: int = 600
+    epochs: int = 4
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+
+    def key(self) -> str:
+        blob = json.dumps({**self.__dict__, "v": 1, "timm": timm.__version__.split(".")[0]}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+DEFAULT_ARCHS: dict[str, Callable[[int], nn.Module]] = {
+    "synthetic-resnet": _synthetic_resnet,
+    "synthetic-mobilenetv2": _synthetic_mobilenet,
+    "synthetic-vgg": _synthetic_vgg,
+}
+DEFAULT_RECIPES = {name: Recipe(arch=name) for name in DEFAULT_ARCHS}
+
+
+def cache_dir() -> Path:
+    """Where trained default models are cached."""
+    root = os.environ.get("SALIENCYBENCH_CACHE") or Path.home() / ".cache" / "saliencybench"
+    path = Path(root) / "models"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    flip = torch.rand(x.shape[0], generator=g) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+def evaluate_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 128) -> float:
+    """Top-1 accuracy of ``model`` on normalised images Tensor[N,3,H,W]."""
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            correct += int((model(images[i : i + batch_size]).argmax(1) == labels[i : i + batch_size]).sum())
+    return correct / len(images)
+
+
+def train_default_model(recipe: Recipe, progress: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """Train a default model from its recipe: (model in eval mode, info with accuracy and time)."""
+    torch.manual_seed(recipe.seed)
+    g = torch.Generator().manual_seed(recipe.seed)
+    model = DEFAULT_ARCHS[recipe.arch](len(SHAPES))
+    norm = lambda x: (x - 0.5) / 0.25  # noqa: E731  (SYNTHETIC_MEAN / SYNTHETIC_STD)
+    t0 = time.perf_counter()
+    xtr, ytr = get_dataset("synthetic", size=recipe.size, n_images=recipe.n_train, seed=recipe.seed, split="train").tensors()
+    xva, yva = get_dataset("synthetic", size=recipe.size, n_images=recipe.n_val, seed=recipe.seed, split="val").tensors()
+    xtr, xva = norm(xtr), norm(xva)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    steps = recipe.epochs * ((len(xtr) + recipe.batch_size - 1) // recipe.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=steps, pct_start=0.25)
+    bar = tqdm(total=steps, desc=f"train {recipe.arch}", disable=not progress, leave=False)
+    for _epoch in range(recipe.epochs):
+        model.train()
+        perm = torch.randperm(len(xtr), generator=g)
+        for i in range(0, len(xtr), recipe.batch_size):
+            idx = perm[i : i + recipe.batch_size]
+            loss = F.cross_entropy(model(_augment(xtr[idx], g)), ytr[idx], label_smoothing=0.05)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    acc = evaluate_accuracy(model, xva, yva)
+    model.eval()
+    return model, {"val_accuracy": acc, "train_seconds": time.perf_counter() - t0, "recipe": recipe.__dict__,
+                   "recipe_key": recipe.key()}
+
+
+def default_model(name: str, recipe: Recipe | None = None, retrain: bool = False, progress: bool = True) -> ModelBundle:
+    """The default model ``name``: loaded from the cache, or trained and cached first."""
+    recipe = recipe or DEFAULT_RECIPES[name]
+    stem = cache_dir() / f"{name}-{recipe.key()}"
+    weights, meta = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    model = DEFAULT_ARCHS[name](len(SHAPES))
+    if weights.exists() and meta.exists() and not retrain:
+        model.load_state_dict(load_file(str(weights)))
+        info = json.loads(meta.read_text())
+    else:
+        model, info = train_default_model(recipe, progress)
+        tmp = weights.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        tmp.replace(weights)
+        meta.write_text(json.dumps(info, indent=2))
+    info = {**info, "source": "trained on synthetic", "weights": str(weights)}
+    return ModelBundle(name, model.eval(), list(SHAPES), recipe.size, SYNTHETIC_MEAN, SYNTHETIC_STD, info)
+
+
+# ---- the registry: default models, timm names, checkpoints -------------------------------
+
+@dataclass
+class ModelSpec:
+    name: str
+    loader: Callable[..., ModelBundle]
+    summary: str
+
+
+MODELS: Registry[ModelSpec] = Registry("model")
+
+
+def register_model(name: str, summary: str) -> Callable[[Callable[..., ModelBundle]], Callable[..., ModelBundle]]:
+    """Decorator registering a named model loader ``loader(**kwargs) -> ModelBundle``."""
+
+    def deco(fn: Callable[..., ModelBundle]) -> Callable[..., ModelBundle]:
+        MODELS.add(name, ModelSpec(name, fn, summary))
+        return fn
+
+    return deco
+
+
+for _name, _fn in DEFAULT_ARCHS.items():
+    MODELS.add(_name, ModelSpec(_name, lambda _n=_name, **kw: default_model(_n, **kw), (_fn.__doc__ or "").strip()))
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint safely: safetensors, or torch with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint {str(path)!r} does not exist; pass the path of a .safetensors or .pt file")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file, pickle with code, wrong format
+        raise ModelLoadError(
+            f"cannot read checkpoint {str(path)!r} ({type(e).__name__}: {e}); saliencybench loads only safetensors "
+            "or plain state dicts (torch.load with weights_only=True)"
+        ) from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"checkpoint {str(path)!r} holds {type(state).__name__}, not a state dict")
+    return state
+
+
+def timm_model(name: str, *, checkpoint: str | Path | None = None, pretrained: bool = True,
+               num_classes: int | None = None, classes: list[str] | None = None) -> ModelBundle:
+    """Any timm model by name, with ImageNet weights from the hub or a local ``checkpoint``."""
+    if not timm.is_model(name):
+        raise ModelLoadError(
+            f"unknown model {name!r}: neither a saliencybench model ({', '.join(MODELS.names())}) nor a timm "
+            "model name (see timm.list_models())"
+        )
+    kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
+    state = read_state_dict(checkpoint) if checkpoint is not None else None
+    try:
+        model = timm.create_model(name, pretrained=pretrained and checkpoint is None, **kwargs)
+    except Exception as e:
+        raise ModelLoadError(
+            f"cannot fetch pretrained weights for {name!r} ({type(e).__name__}: {str(e)[:200]}); this machine may "
+            "be offline: pass --checkpoint FILE (safetensors or a torch state dict) instead"
+        ) from None
+    if state is not None:
+        head = model.get_classifier()
+        weight = getattr(head, "weight", None)
+        key = next((k for k, v in model.named_parameters() if weight is not None and v is weight), None)
+        if key and key in state and state[key].shape[0] != model.num_classes and num_classes is None:
+            model.reset_classifier(int(state[key].shape[0]))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ModelLoadError(
+                f"checkpoint {str(checkpoint)!r} does not fit timm {name!r}: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
+    cfg = timm.data.resolve_data_config({}, model=model)
+    n = model.num_classes
+    return ModelBundle(name, model.eval(), classes or [str(i) for i in range(n)], int(cfg["input_size"][-1]),
+                       tuple(cfg["mean"]), tuple(cfg["std"]),
+                       {"source": f"checkpoint {checkpoint}" if checkpoint else "timm pretrained"})
+
+
+def load_model(name: str, *, checkpoint: str | Path | None = None, **kwargs: Any) -> ModelBundle:
+    """A registered model, or a timm model name (with ``checkpoint`` or pretrained weights)."""
+    if name in MODELS and checkpoint is None:
+        return MODELS.get(name).loader(**kwargs)
+    return timm_model(name, checkpoint=checkpoint, **kwargs)
+
+
+def list_models() -> list[str]:
+    """Names of the registered models (any timm name works too)."""
+    return MODELS.names()
