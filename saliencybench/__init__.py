@@ -6,14 +6,19 @@
 """
 
 from . import methods, metrics
+from .benchmark import load_all as _load_all
+from .benchmark.config import RunConfig, load_config
+from .benchmark.runner import Run, open_run, run
 from .errors import InvalidInputError, NotApplicableError, SaliencyBenchError, UnknownNameError
 from .methods import explain, get_method, list_methods, register_method
 from .metrics import get_metric, list_metrics, register_metric
 
 __version__ = "0.1.0"
 
+_load_all()
+
 __all__ = [
     "methods", "metrics", "explain", "get_method", "list_methods", "register_method", "get_metric",
     "list_metrics", "register_metric", "InvalidInputError", "NotApplicableError", "SaliencyBenchError",
-    "UnknownNameError", "__version__",
+    "UnknownNameError", "__version__", "RunConfig", "load_config", "Run", "open_run", "run",
 ]
