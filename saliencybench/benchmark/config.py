@@ -34,7 +34,11 @@ class ConfigError(SaliencyBenchError):
 
 @dataclass
 class RunConfig:
-    """What a run computes. Every field has a default: the embedded default benchmark."""
+    """What a run computes. Every field has a default: the embedded default benchmark.
+
+    ``image_size``: 0 resizes images to each model's own input size (its timm data
+    config); a positive value resizes them to that size for every model.
+    """
 
     models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
@@ -42,6 +46,7 @@ class RunConfig:
     dataset: str = "synthetic"
     dataset_params: dict[str, Any] = field(default_factory=dict)
     n_images: int = 48
+    image_size: int = 0
     batch_size: int = 16
     seed: int = 0
     method_params: dict[str, dict[str, Any]] = field(default_factory=lambda: {

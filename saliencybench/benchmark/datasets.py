@@ -200,7 +200,7 @@ def render_synthetic(
     taken = torch.zeros(size, size, dtype=torch.bool)
     for cls in classes:
         for _attempt in range(50):
-            lo, hi = (0.13, 0.24) if n_objects == 1 else (0.1, 0.17)
+            lo, hi = (0.18, 0.3) if n_objects == 1 else (0.12, 0.19)
             r = size * (lo + (hi - lo) * torch.rand(1, generator=g).item())
             cy, cx = (r + torch.rand(2, generator=g) * (size - 2 * r)).tolist()
             m = _shape_mask(SHAPES[cls], yy, xx, cy, cx, r, 0.0)
@@ -245,7 +245,7 @@ class SyntheticShapes(GroundTruthDataset):
 
 
 @register_dataset("synthetic")
-def synthetic(*, size: int = 112, n_images: int = 64, seed: int = 0, split: str = "test",
+def synthetic(*, size: int = 64, n_images: int = 64, seed: int = 0, split: str = "test",
               multi_label: bool = False) -> SyntheticShapes:
     """Synthetic shapes (6 classes fixed by shape) on cluttered backgrounds, exact masks and boxes.
 

@@ -65,19 +65,19 @@ class ModelBundle:
 # ---- default models: trained on the synthetic set -------------------------------------
 
 def _synthetic_resnet(num_classes: int) -> nn.Module:
-    """timm ResNet (BasicBlock, 1-1-1-1, narrow), output stride 16: 7x7 maps at 112 px, GAP+FC head."""
-    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes, channels=(16, 32, 64, 128), stem_width=16,
-                  output_stride=16)
+    """timm ResNet (BasicBlock, 1-1-1-1, widths 24-192), output stride 8: 8x8 maps at 64 px, GAP+FC head."""
+    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes, channels=(24, 48, 96, 192), stem_width=24,
+                  output_stride=8)
 
 
 def _synthetic_vgg(num_classes: int) -> nn.Module:
-    """timm VGG (conv-MLP head after the features: CAM does not apply), output stride 16."""
-    return VGG([16, "M", 32, "M", 64, 64, "M", 128, 128, "M"], num_classes=num_classes, mlp_ratio=0.0625)
+    """timm VGG (widths 16-128, conv-MLP head after the features: CAM does not apply), 8x8 maps at 64 px."""
+    return VGG([16, "M", 32, "M", 64, 64, "M", 128, 128], num_classes=num_classes, mlp_ratio=0.125)
 
 
 def _synthetic_mobilenet(num_classes: int) -> nn.Module:
-    """timm MobileNetV2 (width 0.5, inverted residuals, ReLU6), output stride 16, GAP+FC head."""
-    return timm.create_model("mobilenetv2_050", num_classes=num_classes, output_stride=16)
+    """timm MobileNetV2 (width 0.35, half depth, ReLU6), output stride 8: 8x8 maps at 64 px, GAP+FC head."""
+    return timm.create_model("mobilenetv2_035", num_classes=num_classes, output_stride=8, depth_multiplier=0.5)
 
 
 @dataclass(frozen=True)
@@ -85,10 +85,10 @@ class Recipe:
     """Everything that determines a default model's weights; its hash keys the cache."""
 
     arch: str
-    size: int = 112
-    n_train: int = 2400
+    size: int = 64
+    n_train: int = 4000
     n_val: int = 600
-    epochs: int = 4
+    epochs: int = 10
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 1e-4
@@ -105,6 +105,7 @@ DEFAULT_ARCHS: dict[str, Callable[[int], nn.Module]] = {
     "synthetic-vgg": _synthetic_vgg,
 }
 DEFAULT_RECIPES = {name: Recipe(arch=name) for name in DEFAULT_ARCHS}
+DEFAULT_RECIPES["synthetic-mobilenetv2"] = Recipe(arch="synthetic-mobilenetv2", epochs=6, lr=1e-2)
 
 
 def cache_dir() -> Path:

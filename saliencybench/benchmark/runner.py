@@ -136,7 +136,7 @@ def run_task(task: Task, ctx: TaskContext) -> pd.DataFrame:
     """Execute one task and return its result rows (long format)."""
     cfg = ctx.config
     bundle = ctx.model(task.model)
-    samples, skipped = _load_batch(ctx.dataset, task.indices, bundle.input_size)
+    samples, skipped = _load_batch(ctx.dataset, task.indices, cfg.image_size or bundle.input_size)
     base = {"run_id": ctx.run_id, "dataset": cfg.dataset, "model": task.model, "method": task.method,
             "seed": cfg.seed, "versions": _json(package_versions())}
     mparams = get_method(task.method).resolve_params(cfg.method_params.get(task.method, {}))
