@@ -254,7 +254,10 @@ def timm_model(name: str, *, checkpoint: str | Path | None = None, pretrained: b
         key = next((k for k, v in model.named_parameters() if weight is not None and v is weight), None)
         if key and key in state and state[key].shape[0] != model.num_classes and num_classes is None:
             model.reset_classifier(int(state[key].shape[0]))
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:
+            raise ModelLoadError(f"checkpoint {str(checkpoint)!r} does not fit timm {name!r}: {str(e)[:300]}") from None
         if missing or unexpected:
             raise ModelLoadError(
                 f"checkpoint {str(checkpoint)!r} does not fit timm {name!r}: missing {missing[:5]}, "
