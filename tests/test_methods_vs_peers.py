@@ -206,3 +206,29 @@ def test_rise_equals_slow_reference(resnet, targets):
     assert torch.equal(ours, sb.explain(resnet, x, targets, "rise", seed=2, batch_size=7, **kw))
     close(sb.explain(resnet, x, targets, "rise", seed=2, batch_size=64, **kw), ours)  # same masks, any batching
     assert not torch.allclose(ours, sb.explain(resnet, x, targets, "rise", seed=3, batch_size=7, **kw))
+
+
+def test_guided_gradcam_equals_captum(resnet, targets):
+    from captum.attr import GuidedGradCam
+
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    ours = sb.explain(resnet, x, targets, "guided_gradcam", reduce="sum")
+    plain = copy.deepcopy(resnet)
+    for m in plain.modules():
+        if isinstance(m, torch.nn.ReLU):
+            m.inplace = False
+    ref = GuidedGradCam(plain, plain.layer4).attribute(x, target=targets, interpolate_mode="bilinear").sum(1)
+    close(ours, ref)
+
+
+def test_baselines_by_hand():
+    x = torch.zeros(1, 3, 9, 12)
+    x[..., 6:] = 1.0  # a vertical step edge between columns 5 and 6
+    edge = sb.explain(torch.nn.Identity(), x, torch.tensor([0]), "edge")
+    assert edge[0, 4, 5] == pytest.approx(4.0) and edge[0, 4, 6] == pytest.approx(4.0)
+    assert edge[0, 4, 0] == 0 and edge[0, 4, 11] == 0
+    center = sb.explain(torch.nn.Identity(), x, torch.tensor([0]), "center")
+    assert int(center[0].flatten().argmax()) == 4 * 12 + 6 and (center[0] == center[0].max()).sum() == 1
+    r1 = sb.explain(torch.nn.Identity(), x, torch.tensor([0]), "random", seed=1)
+    assert torch.equal(r1, sb.explain(torch.nn.Identity(), x, torch.tensor([0]), "random", seed=1))
+    assert not torch.equal(r1, sb.explain(torch.nn.Identity(), x, torch.tensor([0]), "random", seed=2))
