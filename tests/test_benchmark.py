@@ -160,3 +160,26 @@ def test_cli_end_to_end_subprocess(tmp_path, checkpoint):
     again = subprocess.run([sys.executable, "-m", "saliencybench", "leaderboard", str(tmp_path / "res" / "cli")],
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "gradcam" in again.stdout
+
+
+def test_corrupt_image_is_skipped_and_recorded(tmp_path, checkpoint):
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    xml = ("<annotation><size><width>64</width><height>64</height><depth>3</depth></size><object><name>{c}</name>"
+           "<difficult>0</difficult><bndbox><xmin>11</xmin><ymin>11</ymin><xmax>40</xmax><ymax>40</ymax></bndbox>"
+           "</object></annotation>")
+    for i, c in enumerate(["circle", "square", "ring"]):
+        (root / f"im{i}.xml").write_text(xml.format(c=c))
+        if i == 1:
+            (root / f"im{i}.jpg").write_bytes(b"not a jpeg at all")
+        else:
+            Image.fromarray((np.random.default_rng(i).random((64, 64, 3)) * 255).astype("uint8")).save(root / f"im{i}.jpg")
+    cfg = tiny_config(tmp_path, checkpoint, dataset="folder",
+                      dataset_params={"root": str(root), "classes": ["circle", "square", "ring"]},
+                      methods=["gradcam"], metrics=["deletion", "pointing_game"], n_images=3)
+    rows = run(cfg, run_id="corrupt", progress=False).results
+    skipped = rows[rows.metric == "skipped_image"]
+    assert len(skipped) == 1 and "im1.jpg" in skipped.note.iloc[0]
+    assert set(rows[rows.metric == "deletion"].image_id) == {"im0-circle", "im2-ring"}

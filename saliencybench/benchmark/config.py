@@ -50,7 +50,8 @@ class RunConfig:
     batch_size: int = 16
     seed: int = 0
     method_params: dict[str, dict[str, Any]] = field(default_factory=lambda: {
-        "rise": {"n_masks": 500}, "smoothgrad": {"n_samples": 16}, "integrated_gradients": {"n_steps": 16},
+        "rise": {"n_masks": 300}, "smoothgrad": {"n_samples": 16}, "integrated_gradients": {"n_steps": 16},
+        "occlusion": {"window": 8, "stride": 4},
     })
     metric_params: dict[str, dict[str, Any]] = field(default_factory=lambda: {
         "deletion": {"n_steps": 16}, "insertion": {"n_steps": 16},
