@@ -5,7 +5,7 @@
 >>> sb.metrics.deletion(model, images, targets, heat)             # Tensor[B] AUC
 """
 
-from . import methods, metrics
+from . import inspect, methods, metrics
 from .benchmark import load_all as _load_all
 from .benchmark.config import RunConfig, load_config
 from .benchmark.runner import Run, open_run, run
@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 _load_all()
 
 __all__ = [
-    "methods", "metrics", "explain", "get_method", "list_methods", "register_method", "get_metric",
+    "inspect", "methods", "metrics", "explain", "get_method", "list_methods", "register_method", "get_metric",
     "list_metrics", "register_metric", "InvalidInputError", "NotApplicableError", "SaliencyBenchError",
     "UnknownNameError", "__version__", "RunConfig", "load_config", "Run", "open_run", "run",
 ]

@@ -1,4 +1,4 @@
-"""``saliencybench`` command line: run, leaderboard, report, list, train.
+"""``saliencybench`` command line: run, leaderboard, report, list, train, inspect.
 
 Every expected failure (unknown names, missing files, bad configs, a resume
 against another config) prints one clear message and exits with status 2,
@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list methods, metrics, data sets and models")
     tr = sub.add_parser("train", help="(re)train the embedded default models into the cache")
     tr.add_argument("--models", nargs="+")
+    from ..inspect.cli import add_parser as add_inspect_parser
+
+    add_inspect_parser(sub)
     return p
 
 
@@ -99,6 +102,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     from .runner import open_run, run
 
     load_all()
+    if args.command == "inspect":
+        from ..inspect.cli import run as run_inspect
+
+        return run_inspect(args)
     if args.command == "list":
         from ..methods.base import METHODS
         from ..metrics.base import METRICS
