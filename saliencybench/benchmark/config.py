@@ -55,6 +55,7 @@ class RunConfig:
     })
     metric_params: dict[str, dict[str, Any]] = field(default_factory=lambda: {
         "deletion": {"n_steps": 16}, "insertion": {"n_steps": 16},
+        "pointing_game": {"tolerance": 4},
     })
     checkpoints: dict[str, str] = field(default_factory=dict)
     sanity_methods: list[str] = field(default_factory=lambda: ["saliency", "guided_backprop", "gradcam"])
