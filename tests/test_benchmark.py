@@ -38,7 +38,7 @@ def tiny_config(tmp: Path, checkpoint: Path, **kw) -> RunConfig:
                 dataset_params={"size": 64}, image_size=64, n_images=6, batch_size=3, checkpoints={"resnet10t": str(checkpoint)},
                 sanity_methods=["saliency"], sanity_images=2, output=str(tmp),
                 method_params={"occlusion": {"window": 16, "stride": 16}},
-                metric_params={"deletion": {"n_steps": 4}, "insertion": {"n_steps": 4}})
+                metric_params={"deletion": {"n_steps": 4}, "insertion": {"n_steps": 4}}, inspect=[])
     base.update(kw)
     return config_from_dict(base)
 
@@ -99,7 +99,8 @@ def test_localisation_error_table():
 
 
 def test_report_escapes_and_embeds(tmp_path, checkpoint):
-    cfg = tiny_config(tmp_path, checkpoint, methods=["gradcam", "center"], sanity_methods=["gradcam"])
+    cfg = tiny_config(tmp_path, checkpoint, methods=["gradcam", "center"], sanity_methods=["gradcam"],
+                      inspect=["filters", "neighbours", "tsne"], n_images=12)
     r = run(cfg, run_id="rep", progress=False)
     rows = r.results
     # a malicious class name reaching the report must be escaped
@@ -116,6 +117,8 @@ def test_report_escapes_and_embeds(tmp_path, checkpoint):
 
     HTMLParser().feed(html_text)
     assert (r.path / "leaderboard.csv").exists() and (r.path / "leaderboard.md").exists()
+    assert "Model inspection" in html_text and "trustworthiness" in html_text
+    assert len(list((r.path / "plots" / "inspect" / "resnet10t").glob("*.png"))) >= 3
     assert list((r.path / "plots").glob("*.svg"))
 
 

@@ -76,6 +76,11 @@ def validate(cfg: RunConfig) -> None:
         get_method(m)
     for m in cfg.metrics:
         get_metric(m)
+    from .inspection import INSPECTIONS
+
+    bad = sorted(set(cfg.inspect) - set(INSPECTIONS))
+    if bad:
+        raise SaliencyBenchError(f"unknown inspection(s) {bad} in config key 'inspect'; choose from {list(INSPECTIONS)}")
     DATASETS.get(cfg.dataset)
     for m in cfg.models:
         if m not in MODELS and not timm.is_model(m):

@@ -128,6 +128,12 @@ def write_report(run: Run | str | Path) -> Path:
         if pngs:
             parts.append(f"<h2>{html.escape(title)}</h2>")
             parts += [_img(p) for p in pngs]
+    if run.config.inspect:
+        from .inspection import inspection_figures
+
+        paths, numbers = inspection_figures(run)
+        parts += ["<h2>Model inspection</h2>", _table(pd.DataFrame(numbers))]
+        parts += [_img(p) for p in paths if p.suffix == ".png"]
     if not skipped.empty:
         parts += ["<h2>Skipped images</h2>", _table(skipped)]
     parts += ["<h2>Config</h2>", "<pre>" + html.escape(json.dumps(meta["config"], indent=2)) + "</pre>",
