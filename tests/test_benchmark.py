@@ -100,7 +100,7 @@ def test_localisation_error_table():
 
 def test_report_escapes_and_embeds(tmp_path, checkpoint):
     cfg = tiny_config(tmp_path, checkpoint, methods=["gradcam", "center"], sanity_methods=["gradcam"],
-                      inspect=["filters", "neighbours", "tsne"], n_images=12)
+                      inspect=["filters", "activations", "class-visualisation", "neighbours", "tsne"], n_images=12)
     r = run(cfg, run_id="rep", progress=False)
     rows = r.results
     # a malicious class name reaching the report must be escaped
@@ -118,7 +118,8 @@ def test_report_escapes_and_embeds(tmp_path, checkpoint):
     HTMLParser().feed(html_text)
     assert (r.path / "leaderboard.csv").exists() and (r.path / "leaderboard.md").exists()
     assert "Model inspection" in html_text and "trustworthiness" in html_text
-    assert len(list((r.path / "plots" / "inspect" / "resnet10t").glob("*.png"))) >= 3
+    assert len(list((r.path / "plots" / "inspect" / "resnet10t").rglob("*.png"))) >= 3 + 6
+    assert "receptive field of layer4" in html_text and "class visualisation score gain" in html_text
     assert list((r.path / "plots").glob("*.svg"))
 
 

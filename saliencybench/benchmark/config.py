@@ -37,8 +37,9 @@ class RunConfig:
     """What a run computes. Every field has a default: the embedded default benchmark.
 
     ``inspect``: model-inspection sections for the report (``filters``,
-    ``neighbours``, ``tsne``). ``image_size``: 0 resizes images to each model's own input size (its timm data
-    config); a positive value resizes them to that size for every model.
+    ``activations``, ``class-visualisation``, ``neighbours``, ``tsne``).
+    ``image_size``: 0 resizes images to each model's own input size (its timm
+    data config); a positive value resizes them to that size for every model.
     """
 
     models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
@@ -61,7 +62,8 @@ class RunConfig:
     checkpoints: dict[str, str] = field(default_factory=dict)
     sanity_methods: list[str] = field(default_factory=lambda: ["saliency", "guided_backprop", "gradcam"])
     sanity_images: int = 8
-    inspect: list[str] = field(default_factory=lambda: ["filters", "neighbours", "tsne"])
+    inspect: list[str] = field(default_factory=lambda: ["filters", "activations", "class-visualisation", "neighbours",
+                                                         "tsne"])
     output: str = "results"
 
     def to_dict(self) -> dict[str, Any]:

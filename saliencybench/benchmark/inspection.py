@@ -1,8 +1,10 @@
 """Model-inspection figures for a run's report, when its config asks (``inspect: [...]``).
 
-``filters`` (first-layer filters), ``neighbours`` (feature vs pixel nearest
-neighbours, with class agreement) and ``tsne`` (with trustworthiness), one set
-per model of the run, on the run's data set.
+``filters`` (first-layer filters), ``activations`` (the top-k images of the
+deepest feature stage's most active channel, cropped to its receptive field),
+``class-visualisation`` (one regularised gradient-ascent image per class),
+``neighbours`` (feature vs pixel nearest neighbours, with class agreement) and
+``tsne`` (with trustworthiness), one set per model, on the run's data set.
 """
 
 from __future__ import annotations
@@ -15,7 +17,17 @@ import torch
 from .. import inspect as ins
 from .runner import Run, TaskContext
 
-INSPECTIONS = ("filters", "neighbours", "tsne")
+INSPECTIONS = ("filters", "activations", "class-visualisation", "neighbours", "tsne")
+
+
+def deepest_stage(model: torch.nn.Module) -> str:
+    """Name of the module giving the last feature stage (timm's ``feature_info``)."""
+    info = getattr(model, "feature_info", None)
+    names = [f["module"] for f in info] if isinstance(info, list) else []
+    if not names:
+        convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+        names = convs[-1:]
+    return names[-1]
 
 
 def inspection_figures(run: Run, k: int = 5, limit: int = 200) -> tuple[list[Path], list[dict[str, Any]]]:
@@ -30,10 +42,28 @@ def inspection_figures(run: Run, k: int = 5, limit: int = 200) -> tuple[list[Pat
         model_out.mkdir(parents=True, exist_ok=True)
         if "filters" in run.config.inspect:
             paths.append(ins.write_filters(ins.filter_grid(bundle.model), model_out, f"{name}: first-layer filters"))
+        size = run.config.image_size or bundle.input_size
+        if "activations" in run.config.inspect:
+            layer = deepest_stage(bundle.model)
+            images, _, _ = ins.dataset_tensors(ctx.dataset, size=size, limit=limit)
+            with torch.inference_mode():
+                acts = ins.layer_activations(bundle.model.eval(), bundle.normalise(images[:64]), layer)
+            channel = int(acts.amax((2, 3)).mean(0).argmax())
+            tops, rf = ins.top_activating(bundle.model, ctx.dataset, layer, channel, k=8, transform=bundle.normalise,
+                                          size=size, limit=limit)
+            numbers.append({"model": name, "measure": f"receptive field of {layer} (px)", "value": float(rf.size[0])})
+            paths.append(ins.write_top_activating(tops, model_out, f"{name}: {layer} channel {channel}",
+                                                  classes=bundle.classes))
+        if "class-visualisation" in run.config.inspect:
+            for target, cls in enumerate(bundle.classes[:12]):
+                vis = ins.class_visualisation(bundle.model, target, steps=60, seed=run.config.seed, size=size,
+                                              mean=bundle.mean, std=bundle.std)
+                numbers.append({"model": name, "measure": f"class visualisation score gain, {cls}",
+                                "value": float(vis.final_score - vis.initial_score)})
+                paths.append(ins.write_class_visualisation(vis, model_out / f"class_{target}", f"{name}: {cls}"))
         if not {"neighbours", "tsne"} & set(run.config.inspect):
             continue
-        images, labels, _ = ins.dataset_tensors(ctx.dataset, size=run.config.image_size or bundle.input_size,
-                                                limit=limit)
+        images, labels, _ = ins.dataset_tensors(ctx.dataset, size=size, limit=limit)
         if len(images) < 6:
             numbers.append({"model": name, "measure": "neighbours and t-SNE skipped: fewer than 6 images",
                             "value": float(len(images))})
