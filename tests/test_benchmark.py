@@ -102,7 +102,6 @@ def test_report_escapes_and_embeds(tmp_path, checkpoint):
     cfg = tiny_config(tmp_path, checkpoint, methods=["gradcam", "center"], sanity_methods=["gradcam"],
                       inspect=["filters", "activations", "class-visualisation", "neighbours", "tsne"], n_images=12)
     r = run(cfg, run_id="rep", progress=False)
-    rows = r.results
     # a malicious class name reaching the report must be escaped
     evil = "<script>alert(1)</script>"
     rows_file = next((r.path / "rows").glob("*.parquet"))

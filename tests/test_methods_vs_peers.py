@@ -8,7 +8,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from captum.attr import GuidedBackprop, IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion, Saliency
 from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, ScoreCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
