@@ -160,8 +160,8 @@ def batch_slices(total: int, batch_size: int) -> list[slice]:
     return [slice(i, min(i + batch_size, total)) for i in range(0, total, batch_size)]
 
 
-def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A seeded ``torch.Generator`` on the CPU (draws are moved to ``device``)."""
+def generator(seed: int) -> torch.Generator:
+    """A seeded ``torch.Generator`` on the CPU (draws are moved to the images' device by the caller)."""
     g = torch.Generator(device="cpu")
     g.manual_seed(int(seed))
     return g
