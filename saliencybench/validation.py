@@ -100,6 +100,28 @@ def check_masks(masks: object, heatmaps: torch.Tensor) -> torch.Tensor:
     return masks.to(heatmaps.device)
 
 
+def clip_boxes(boxes: torch.Tensor, height: int, width: int, source: str, tolerance: float = 0.0) -> torch.Tensor:
+    """Clip boxes Tensor[n,4] (x1, y1, x2, y2) to an image of ``height`` x ``width``.
+
+    Warns :class:`BoxClippedWarning` naming ``source`` when a box reaches more than
+    ``tolerance`` pixels outside; raises :class:`InvalidInputError` when a box lies
+    entirely outside (nothing left after clipping).
+    """
+    clipped = boxes.clone()
+    clipped[:, 0::2] = clipped[:, 0::2].clamp(0, width)
+    clipped[:, 1::2] = clipped[:, 1::2].clamp(0, height)
+    moved = (clipped - boxes).abs().amax(1) > tolerance
+    if moved.any():
+        warnings.warn(BoxClippedWarning(
+            f"{source}: box(es) {boxes[moved].tolist()} reach outside the {width}x{height} image; clipped to it"),
+            stacklevel=3)
+    empty = (clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1])
+    if empty.any():
+        raise InvalidInputError(
+            f"{source}: box(es) {boxes[empty].tolist()} lie entirely outside the {width}x{height} image")
+    return clipped
+
+
 def check_boxes(boxes: object, batch: int, height: int, width: int) -> list[torch.Tensor]:
     """Check a list of B float Tensors[n_i,4] of ``(x1, y1, x2, y2)`` boxes, x2/y2 exclusive.
 
@@ -127,16 +149,5 @@ def check_boxes(boxes: object, batch: int, height: int, width: int) -> list[torc
                 f"boxes[{i}] has a box with x2 <= x1 or y2 <= y1: {b.tolist()}; boxes are "
                 "(x1, y1, x2, y2) with x2, y2 exclusive (VOC's 1-based inclusive xmax needs no +1 after x1-1)"
             )
-        clipped = b.clone()
-        clipped[:, 0::2] = clipped[:, 0::2].clamp(0, width)
-        clipped[:, 1::2] = clipped[:, 1::2].clamp(0, height)
-        if not torch.equal(clipped, b):
-            warnings.warn(
-                f"boxes[{i}] reaches outside the {width}x{height} image and was clipped: {b.tolist()}",
-                BoxClippedWarning,
-                stacklevel=3,
-            )
-            if ((clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1])).any():
-                raise InvalidInputError(f"boxes[{i}] lies entirely outside the {width}x{height} image: {b.tolist()}")
-        out.append(clipped)
+        out.append(clip_boxes(b, height, width, f"boxes[{i}]"))
     return out

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import BoxClippedWarning, SaliencyBenchError
+from ..errors import SaliencyBenchError
+from ..validation import clip_boxes as clip_to_image
 from .datasets import GroundTruthDataset, Sample, UnreadableImageError, boxes_mask, register_dataset
 
 VOC_CLASSES: tuple[str, ...] = (
@@ -63,25 +63,8 @@ def read_image(path: Path) -> torch.Tensor:
 
 
 def clip_boxes(boxes: torch.Tensor, height: int, width: int, source: str) -> torch.Tensor:
-    """Clip boxes Tensor[n,4] (x1, y1, x2, y2) to an image of ``height`` x ``width``.
-
-    Warns :class:`BoxClippedWarning` naming ``source`` when a box reaches more than
-    :data:`CLIP_TOLERANCE_PX` outside; raises :class:`SaliencyBenchError` when a box
-    lies entirely outside (nothing left after clipping).
-    """
-    clipped = boxes.clone()
-    clipped[:, 0::2] = clipped[:, 0::2].clamp(0, width)
-    clipped[:, 1::2] = clipped[:, 1::2].clamp(0, height)
-    moved = (clipped - boxes).abs().amax(1) > CLIP_TOLERANCE_PX
-    if moved.any():
-        warnings.warn(BoxClippedWarning(
-            f"{source}: box(es) {boxes[moved].tolist()} reach outside the {width}x{height} image; clipped to it"),
-            stacklevel=3)
-    empty = (clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1])
-    if empty.any():
-        raise SaliencyBenchError(
-            f"{source}: box(es) {boxes[empty].tolist()} lie entirely outside the {width}x{height} image")
-    return clipped
+    """Clip boxes Tensor[n,4] to the image, ignoring float noise under :data:`CLIP_TOLERANCE_PX`."""
+    return clip_to_image(boxes, height, width, source, CLIP_TOLERANCE_PX)
 
 
 def _require_dir(path: str | Path | None, what: str, param: str) -> Path:
