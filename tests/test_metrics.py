@@ -107,6 +107,11 @@ def test_deletion_and_insertion_equal_slow_reference():
             assert abs(float(res["deletion"][0][b]) - np.trapezoid(ref_d, xs)) < 1e-6
     single = sb.metrics.deletion(model, x, t, heat, step=step)
     assert torch.allclose(single, res["deletion"][0])
+    with torch.no_grad():
+        clean = model(x).softmax(1)[torch.arange(2), t]
+    shared = sb.metrics.deletion_insertion(model, x, t, heat, step=step, batch_size=9, clean_scores=clean)
+    for m in ("deletion", "insertion"):
+        assert torch.allclose(shared[m][1], res[m][1], atol=1e-6)
 
 
 def test_rise_auc_formula_when_step_divides():

@@ -117,18 +117,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .datasets import DATASETS
         from .models import MODELS
 
-        print("methods:")
-        for n, s in sorted(METHODS.entries.items()):
-            print(f"  {n:22s} {s.family:12s} {s.paper}")
-        print("metrics:")
-        for n, s in sorted(METRICS.entries.items()):
-            print(f"  {n:22s} {'higher' if s.higher_is_better else 'lower'} is better  {s.paper}")
-        print("data sets:")
-        for n, s in sorted(DATASETS.entries.items()):
-            print(f"  {n:22s} {s.summary}")
-        print("models (and any timm model name):")
-        for n, s in sorted(MODELS.entries.items()):
-            print(f"  {n:22s} {s.summary}")
+        sections = [
+            ("methods", METHODS, lambda s: f"{s.family:12s} {s.paper}"),
+            ("metrics", METRICS, lambda s: f"{'higher' if s.higher_is_better else 'lower'} is better  {s.paper}"),
+            ("data sets", DATASETS, lambda s: s.summary),
+            ("models (and any timm model name)", MODELS, lambda s: s.summary),
+        ]
+        for title, registry, describe in sections:
+            print(f"{title}:")
+            for n, spec in sorted(registry.entries.items()):
+                print(f"  {n:22s} {describe(spec)}")
         return 0
     if args.command == "train":
         from .models import DEFAULT_ARCHS, default_model

@@ -34,6 +34,7 @@ from ..metrics.localisation import box_iou
 from ..metrics.perturbation_curves import deletion_insertion
 from ..metrics.pointing import energy_pointing_game, pointing_game
 from ..metrics.sanity import sanity_randomization
+from ..modelutil import target_score
 from .config import RunConfig, config_from_dict
 from .datasets import GroundTruthDataset, Sample, UnreadableImageError, get_dataset
 from .models import ModelBundle, load_model
@@ -196,6 +197,7 @@ def run_task(task: Task, ctx: TaskContext) -> pd.DataFrame:
         res = deletion_insertion(
             bundle.model, x, t, heat, n_steps=dp.get("n_steps"), step=dp.get("step"), seed=cfg.seed,
             deletion_substrate=dp.get("substrate", "zeros"), insertion_substrate=ip.get("substrate", "blur"),
+            score=dp.get("score", "probability"), clean_scores=target_score(logits, t, dp.get("score", "probability")),
         )
         for m in ("deletion", "insertion"):
             if m in metrics:

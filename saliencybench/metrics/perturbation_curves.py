@@ -147,9 +147,13 @@ def deletion_insertion(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor, heatmaps: torch.Tensor, *,
     step: int | None = None, n_steps: int | None = None, deletion_substrate: str | float | torch.Tensor = "zeros",
     insertion_substrate: str | float | torch.Tensor = "blur", score: str = "probability", seed: int = 0,
-    batch_size: int = 64,
+    batch_size: int = 64, clean_scores: torch.Tensor | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Both curves with the clean image scored once: ``{"deletion"|"insertion": (auc[B], curves[B,n+1], x[n+1])}``."""
+    """Both curves with the clean image scored once: ``{"deletion"|"insertion": (auc[B], curves[B,n+1], x[n+1])}``.
+
+    ``clean_scores`` Tensor[B]: the clean images' ``score``, when the caller has it
+    already (then the clean images are not scored here at all).
+    """
     images, targets, heatmaps = _prepare(model, images, targets, heatmaps)
     b, _, h, w = images.shape
     counts = curve_points(h * w, step, n_steps, w)
@@ -157,8 +161,8 @@ def deletion_insertion(
     ranks = pixel_ranks(heatmaps, seed)
     n = len(counts) - 1
     with model_guard(model), torch.inference_mode():
-        clean = torch.cat([target_score(model(images[sl]), targets[sl], score).float()
-                           for sl in batch_slices(b, batch_size)])
+        clean = clean_scores.float().to(images.device) if clean_scores is not None else torch.cat(
+            [target_score(model(images[sl]), targets[sl], score).float() for sl in batch_slices(b, batch_size)])
         dele = _score_curves(model, images, targets, ranks, counts, images,
                              make_substrate(images, deletion_substrate), score, batch_size, {0: clean})
         ins = _score_curves(model, images, targets, ranks, counts, make_substrate(images, insertion_substrate),
