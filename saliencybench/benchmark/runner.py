@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ..errors import NotApplicableError, SaliencyBenchError
 from ..methods.base import explain, get_method
+from ..methods.shared import SharedPasses, pass_requests
 from ..metrics.base import get_metric
 from ..metrics.localisation import box_iou
 from ..metrics.perturbation_curves import deletion_insertion
@@ -81,6 +82,7 @@ class TaskContext:
     run_id: str
     _models: dict[str, ModelBundle] = field(default_factory=dict)
     _dataset: GroundTruthDataset | None = None
+    _shared: tuple[Any, SharedPasses] | None = None
 
     def model(self, name: str) -> ModelBundle:
         if name not in self._models:
@@ -97,12 +99,20 @@ class TaskContext:
             self._dataset = get_dataset(self.config.dataset, **params)
         return self._dataset
 
+    def shared_passes(self, task: Task, images: torch.Tensor, targets: torch.Tensor) -> SharedPasses:
+        """The forward/backward passes the run's methods share on this task's shard (kept for one shard)."""
+        key = (task.model, task.indices)
+        if self._shared is None or self._shared[0] != key:
+            methods = {m: self.config.method_params.get(m, {}) for m in self.config.methods}
+            self._shared = (key, SharedPasses(self.model(task.model).model, images, targets, pass_requests(methods)))
+        return self._shared[1]
+
 
 def plan_tasks(config: RunConfig, n_samples: int) -> list[Task]:
-    """All tasks of a run, in a fixed order."""
+    """All tasks of a run, in a fixed order: model, shard, method (methods on one shard share passes)."""
     n = min(n_samples, config.n_images) if config.dataset != "synthetic" else n_samples
     shards = [tuple(range(i, min(i + config.batch_size, n))) for i in range(0, n, config.batch_size)]
-    tasks = [Task("explain", m, meth, sh) for m in config.models for meth in config.methods for sh in shards]
+    tasks = [Task("explain", m, meth, sh) for m in config.models for sh in shards for meth in config.methods]
     if "sanity_randomization" in config.metrics:
         sanity = tuple(range(min(config.sanity_images, n)))
         tasks += [Task("sanity", m, meth, sanity) for m in config.models for meth in config.sanity_methods]
@@ -180,7 +190,7 @@ def run_task(task: Task, ctx: TaskContext) -> pd.DataFrame:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            heat = explain(bundle.model, x, t, task.method, **mparams)
+            heat = explain(bundle.model, x, t, task.method, shared=ctx.shared_passes(task, x, t), **mparams)
     except NotApplicableError as e:
         for metric in cfg.metrics:
             if metric != "sanity_randomization":

@@ -44,6 +44,8 @@ class MethodSpec:
     needs_grad: bool = True
     applicability: Callable[[nn.Module], Applicability] | None = None
     summary: str = ""
+    pass_needs: Callable[[dict[str, Any]], Any] | None = None
+    derive: Callable[..., torch.Tensor] | None = None
 
     def check(self, model: nn.Module) -> Applicability:
         """Tell whether the method applies to ``model`` (it may still run when not)."""
@@ -95,7 +97,8 @@ def get_method(name: str) -> MethodSpec:
 
 
 def explain(
-    model: nn.Module, images: torch.Tensor, targets: torch.Tensor | list[int] | int, method: str = "gradcam", **params: Any
+    model: nn.Module, images: torch.Tensor, targets: torch.Tensor | list[int] | int, method: str = "gradcam", *,
+    shared: Any = None, **params: Any
 ) -> torch.Tensor:
     """Explain ``model``'s target scores on ``images`` with a registered method.
 
@@ -103,14 +106,21 @@ def explain(
     targets: LongTensor[B] of class indices (an int applies to every image).
     Returns float32 Tensor[B,H,W] at the input resolution on ``images.device``,
     not normalised. The model is left exactly as it was found.
+    ``shared``: a :class:`~saliencybench.methods.shared.SharedPasses` built on these
+    images and targets; methods that can derive their heatmap from its passes do
+    (same result, no pass of their own).
     """
     spec = get_method(method)
     images = check_images(images)
     targets = check_targets(targets, images.shape[0], num_classes(model)).to(images.device)
     resolved = spec.resolve_params(params)
     with model_guard(model):
-        with torch.enable_grad() if spec.needs_grad else torch.inference_mode():
-            heat = spec.fn(model, images, targets, **resolved)
+        if shared is not None and spec.derive is not None:
+            with torch.enable_grad():
+                heat = spec.derive(shared(spec.pass_needs(resolved)), model, images, targets, resolved)
+        else:
+            with torch.enable_grad() if spec.needs_grad else torch.inference_mode():
+                heat = spec.fn(model, images, targets, **resolved)
     heat = heat.detach().float()
     b, _, h, w = images.shape
     if tuple(heat.shape) != (b, h, w):

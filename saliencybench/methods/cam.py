@@ -14,9 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidInputError, NotApplicableError
-from ..modelutil import GuardState, forward_with_layer, gap_linear_head, has_feature_head_split, target_score
+from ..modelutil import (GuardState, channels_last, fast_layout, forward_with_layer, gap_linear_head,
+                         has_feature_head_split, target_score)
 from .base import Applicability, batch_slices, reduce_channels, register_method, upsample
 from .gradient import guided_gradients
+from .shared import GradientPass, PassNeeds, derives_from_pass
 
 
 def layer_activations(
@@ -78,6 +80,12 @@ def cam_maps(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> t
     Raises :class:`NotApplicableError` unless logits = Linear(GAP(forward_features)).
     """
     feats, _, logits = layer_activations(model, images, targets, None, with_grads=False)
+    return cam_from_activations(model, feats, logits, targets)
+
+
+def cam_from_activations(model: nn.Module, feats: torch.Tensor, logits: torch.Tensor,
+                         targets: torch.Tensor) -> torch.Tensor:
+    """CAM from final activations feats[B,K,h,w] and logits[B,C]: Tensor[B,h,w] (checks the head)."""
     fc = gap_linear_head(model, feats, logits)
     return torch.einsum("bk,bkhw->bhw", fc.weight[targets].to(feats.dtype), feats)
 
@@ -99,14 +107,37 @@ def cam(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.
     return upsample(cam_maps(model, images, targets), images.shape[-2:])
 
 
+@derives_from_pass("cam", lambda p: PassNeeds(layer=None, acts=True))
+def _cam_from_pass(gp: GradientPass, model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
+                   p: dict) -> torch.Tensor:
+    return upsample(cam_from_activations(model, gp.acts, gp.logits, targets), images.shape[-2:])
+
+
+def gradcam_from_gradients(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM from activations A[B,K,h,w] and gradients dS/dA[B,K,h,w]: ReLU(sum_k mean(dS/dA_k) A_k), [B,h,w]."""
+    return F.relu((g.mean((2, 3), keepdim=True) * a).sum(1))
+
+
+def gradcam_pp_from_gradients(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM++ from A[B,K,h,w] and dS/dA[B,K,h,w] (closed-form weights, eq. 19): Tensor[B,h,w]."""
+    g2 = g.pow(2)
+    denom = 2 * g2 + a.sum((2, 3), keepdim=True) * g2 * g + 1e-6
+    aij = torch.where(g != 0, g2 / denom, torch.zeros_like(g))
+    w = (F.relu(g) * aij).sum((2, 3), keepdim=True)
+    return F.relu((w * a).sum(1))
+
+
+def _layer_needs(p: dict) -> PassNeeds:
+    return PassNeeds(layer=p["layer"], score=p["score"], acts=True, layer_grads=True)
+
+
 def gradcam_maps(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor, layer: str | None = None, score: str = "logit",
     batch_size: int = 64,
 ) -> torch.Tensor:
     """Grad-CAM at the layer's resolution: ReLU(sum_k alpha_k A_k), alpha_k = mean dS/dA_k."""
     a, g, _ = layer_activations(model, images, targets, layer, score, True, batch_size)
-    alpha = g.mean((2, 3), keepdim=True)
-    return F.relu((alpha * a).sum(1))
+    return gradcam_from_gradients(a, g)
 
 
 @register_method(
@@ -127,17 +158,19 @@ def gradcam(
     return upsample(gradcam_maps(model, images, targets, layer, score, batch_size), images.shape[-2:])
 
 
+@derives_from_pass("gradcam", _layer_needs)
+def _gradcam_from_pass(gp: GradientPass, model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
+                       p: dict) -> torch.Tensor:
+    return upsample(gradcam_from_gradients(gp.acts, gp.layer_grads), images.shape[-2:])
+
+
 def gradcam_pp_maps(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor, layer: str | None = None, score: str = "logit",
     batch_size: int = 64,
 ) -> torch.Tensor:
     """Grad-CAM++ at the layer's resolution: Tensor[B,h,w] (see :func:`gradcam_pp`)."""
     a, g, _ = layer_activations(model, images, targets, layer, score, True, batch_size)
-    g2 = g.pow(2)
-    denom = 2 * g2 + a.sum((2, 3), keepdim=True) * g2 * g + 1e-6
-    aij = torch.where(g != 0, g2 / denom, torch.zeros_like(g))
-    w = (F.relu(g) * aij).sum((2, 3), keepdim=True)
-    return F.relu((w * a).sum(1))
+    return gradcam_pp_from_gradients(a, g)
 
 
 @register_method(
@@ -158,6 +191,12 @@ def gradcam_pp(
     return upsample(gradcam_pp_maps(model, images, targets, layer, score, batch_size), images.shape[-2:])
 
 
+@derives_from_pass("gradcam_pp", _layer_needs)
+def _gradcam_pp_from_pass(gp: GradientPass, model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
+                          p: dict) -> torch.Tensor:
+    return upsample(gradcam_pp_from_gradients(gp.acts, gp.layer_grads), images.shape[-2:])
+
+
 SCORECAM_WEIGHTS = ("probability", "channel_softmax")
 
 
@@ -173,14 +212,15 @@ def scorecam_maps(
     h, w = images.shape[-2:]
     kind = "probability" if weights == "probability" else "logit"
     scores = torch.empty(b, k, device=images.device, dtype=a.dtype)
-    for i in range(b):
-        up = F.interpolate(a[i : i + 1], size=(h, w), mode="bilinear", align_corners=align_corners)[0]
-        lo = up.flatten(1).amin(1).view(k, 1, 1)
-        hi = up.flatten(1).amax(1).view(k, 1, 1)
-        masks = (up - lo) / (hi - lo + 1e-8)
-        for sl in batch_slices(k, batch_size):
-            logits = model(images[i : i + 1] * masks[sl, None])
-            scores[i, sl] = target_score(logits, targets[i : i + 1].expand(logits.shape[0]), kind)
+    with channels_last(model, fast_layout(images)) as fmt:
+        for i in range(b):
+            up = F.interpolate(a[i : i + 1], size=(h, w), mode="bilinear", align_corners=align_corners)[0]
+            lo = up.flatten(1).amin(1).view(k, 1, 1)
+            hi = up.flatten(1).amax(1).view(k, 1, 1)
+            masks = (up - lo) / (hi - lo + 1e-8)
+            for sl in batch_slices(k, batch_size):
+                logits = model(fmt(images[i : i + 1] * masks[sl, None]))
+                scores[i, sl] = target_score(logits, targets[i : i + 1].expand(logits.shape[0]), kind)
     if weights == "channel_softmax":
         scores = scores.softmax(1)
     return F.relu((scores[:, :, None, None] * a).sum(1))
@@ -226,3 +266,11 @@ def guided_gradcam(
     gb = guided_gradients(model, images, targets, score, batch_size)
     cam_up = upsample(gradcam_maps(model, images, targets, layer, score, batch_size), images.shape[-2:])
     return reduce_channels(gb * cam_up[:, None], reduce)
+
+
+@derives_from_pass("guided_gradcam", _layer_needs)
+def _guided_gradcam_from_pass(gp: GradientPass, model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
+                              p: dict) -> torch.Tensor:
+    gb = guided_gradients(model, images, targets, p["score"], p["batch_size"])
+    cam_up = upsample(gradcam_from_gradients(gp.acts, gp.layer_grads), images.shape[-2:])
+    return reduce_channels(gb * cam_up[:, None], p["reduce"])

@@ -15,6 +15,7 @@ from torch import nn
 from ..errors import InvalidInputError, NotGuidedRuleWarning
 from ..modelutil import RELU_TYPES, GuardState, non_relu_activations, target_score
 from .base import Applicability, batch_slices, generator, reduce_channels, register_method, warn_not_applicable
+from .shared import GradientPass, PassNeeds, derives_from_pass
 
 
 def input_gradients(
@@ -42,6 +43,12 @@ def saliency(
 ) -> torch.Tensor:
     """Vanilla gradient: ``reduce`` over channels of |d score / d input| -> Tensor[B,H,W]."""
     return reduce_channels(input_gradients(model, images, targets, score, batch_size), reduce)
+
+
+@derives_from_pass("saliency", lambda p: PassNeeds(score=p["score"], input_grads=True))
+def _saliency_from_pass(gp: GradientPass, model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
+                        p: dict) -> torch.Tensor:
+    return reduce_channels(gp.input_grads, p["reduce"])
 
 
 class _GuidedGate(torch.autograd.Function):

@@ -20,6 +20,7 @@ scores the clean image once for both curves.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import lru_cache
 
 import numpy as np
@@ -30,7 +31,7 @@ from torch import nn
 
 from ..errors import InvalidInputError
 from ..methods.base import batch_slices, generator
-from ..modelutil import model_guard, num_classes, target_score
+from ..modelutil import channels_last, fast_layout, model_guard, num_classes, target_score
 from ..validation import check_heatmaps, check_images, check_targets
 from .base import register_metric
 
@@ -108,12 +109,13 @@ def curve_points(n_pixels: int, step: int | None, n_steps: int | None, width: in
 def _score_curves(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor, ranks: torch.Tensor, counts: torch.Tensor,
     start: torch.Tensor, end: torch.Tensor, score: str, batch_size: int, skip: dict[int, torch.Tensor],
+    fmt: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
 ) -> torch.Tensor:
     """Scores Tensor[B,n+1] along the path from ``start`` (0 pixels changed) to ``end``.
 
     At point k the ``counts[k]`` highest-ranked pixels come from ``end``, the
     rest from ``start``. Points in ``skip`` (index -> Tensor[B] of known scores)
-    are not evaluated.
+    are not evaluated. ``fmt`` puts each batch in the model's memory format.
     """
     b, _, h, w = images.shape
     n_pts = len(counts)
@@ -128,7 +130,7 @@ def _score_curves(
         kk, bb = jobs_k[sl], jobs_b[sl]
         changed = (ranks[bb] < cnt[kk][:, None]).view(-1, 1, h, w)
         x = torch.where(changed, end[bb], start[bb])
-        curves[bb, kk] = target_score(model(x), targets[bb], score).float()
+        curves[bb, kk] = target_score(model(fmt(x)), targets[bb], score).float()
     return curves
 
 
@@ -160,13 +162,13 @@ def deletion_insertion(
     xs = counts.double() / (h * w)
     ranks = pixel_ranks(heatmaps, seed)
     n = len(counts) - 1
-    with model_guard(model), torch.inference_mode():
+    with model_guard(model), torch.inference_mode(), channels_last(model, fast_layout(images)) as fmt:
         clean = clean_scores.float().to(images.device) if clean_scores is not None else torch.cat(
-            [target_score(model(images[sl]), targets[sl], score).float() for sl in batch_slices(b, batch_size)])
+            [target_score(model(fmt(images[sl])), targets[sl], score).float() for sl in batch_slices(b, batch_size)])
         dele = _score_curves(model, images, targets, ranks, counts, images,
-                             make_substrate(images, deletion_substrate), score, batch_size, {0: clean})
+                             make_substrate(images, deletion_substrate), score, batch_size, {0: clean}, fmt)
         ins = _score_curves(model, images, targets, ranks, counts, make_substrate(images, insertion_substrate),
-                            images, score, batch_size, {n: clean})
+                            images, score, batch_size, {n: clean}, fmt)
     return {"deletion": (_auc(dele, xs), dele, xs), "insertion": (_auc(ins, xs), ins, xs)}
 
 
@@ -182,8 +184,8 @@ def _one_curve(
     ranks = pixel_ranks(heatmaps, seed)
     sub = make_substrate(images, substrate)
     start, end = (images, sub) if kind == "deletion" else (sub, images)
-    with model_guard(model), torch.inference_mode():
-        curves = _score_curves(model, images, targets, ranks, counts, start, end, score, batch_size, {})
+    with model_guard(model), torch.inference_mode(), channels_last(model, fast_layout(images)) as fmt:
+        curves = _score_curves(model, images, targets, ranks, counts, start, end, score, batch_size, {}, fmt)
     auc = _auc(curves, xs)
     return (auc, curves, xs) if return_curves else auc
 
