@@ -186,3 +186,16 @@ def test_corrupt_image_is_skipped_and_recorded(tmp_path, checkpoint):
     skipped = rows[rows.metric == "skipped_image"]
     assert len(skipped) == 1 and "im1.jpg" in skipped.note.iloc[0]
     assert set(rows[rows.metric == "deletion"].image_id) == {"im0-circle", "im2-ring"}
+
+
+def test_process_executor_gives_the_same_rows(tmp_path, checkpoint):
+    from saliencybench.benchmark.runner import ProcessExecutor
+
+    cfg = tiny_config(tmp_path, checkpoint, methods=["saliency", "gradcam", "occlusion"],
+                      metrics=["deletion", "pointing_game"], n_images=4, batch_size=2)
+    here = run(cfg, run_id="here", progress=False).results
+    there = run(cfg, run_id="there", progress=False, executor=ProcessExecutor(workers=2)).results
+    key = ["model", "method", "metric", "image_id"]
+    a = here.drop(columns=["run_id", "heatmap"]).sort_values(key).reset_index(drop=True)
+    b = there.drop(columns=["run_id", "heatmap"]).sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-4)

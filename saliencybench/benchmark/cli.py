@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..errors import SaliencyBenchError
 from .config import RunConfig, config_from_dict, load_config
+from .preprocess import PREPROCESSING
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--dataset")
     r.add_argument("--data-root", help="root directory of a real data set (sets dataset_params.root)")
     r.add_argument("--n-images", type=int)
+    r.add_argument("--image-size", type=int, help="resize every image to this size (default: each model's own)")
+    r.add_argument("--preprocess", choices=PREPROCESSING,
+                   help="squash (RISE), shorter_side (TorchRay: scored at the original resolution) or center_crop")
     r.add_argument("--batch-size", type=int)
     r.add_argument("--seed", type=int)
     r.add_argument("--checkpoint", action="append", default=[], metavar="MODEL=FILE",
@@ -34,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--run-id")
     r.add_argument("--resume", metavar="RUN", help="continue an interrupted run (its directory or id)")
     r.add_argument("--no-report", action="store_true", help="skip the plots and HTML report")
+    r.add_argument("--workers", type=int, default=1,
+                   help="run tasks in this many worker processes, one torch thread each (default: in process)")
     lb = sub.add_parser("leaderboard", help="print and save the leaderboard of a run")
     lb.add_argument("run")
     rp = sub.add_parser("report", help="write the HTML report of a run")
@@ -49,8 +55,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace) -> RunConfig:
     cfg = load_config(args.config) if args.config else RunConfig()
-    overrides = {k: getattr(args, k) for k in ("models", "methods", "metrics", "dataset", "n_images", "batch_size",
-                                                "seed", "output") if getattr(args, k) is not None}
+    keys = ("models", "methods", "metrics", "dataset", "n_images", "image_size", "preprocess", "batch_size", "seed",
+            "output")
+    overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.data_root:
         overrides["dataset_params"] = {**cfg.dataset_params, "root": args.data_root}
     if args.checkpoint:
@@ -104,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     from . import load_all
     from .report import write_leaderboard, write_report
-    from .runner import open_run, run
+    from .runner import ProcessExecutor, open_run, run
 
     load_all()
     if args.command == "inspect":
@@ -143,7 +150,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             path = Path(args.resume) if Path(args.resume).exists() else Path(cfg.output) / args.resume
             if not (args.config or any(getattr(args, k) for k in ("models", "methods", "metrics", "dataset"))):
                 cfg = open_run(path).config
-        result = run(cfg, run_id=args.run_id, resume=args.resume)
+        executor = ProcessExecutor(args.workers) if args.workers > 1 else None
+        result = run(cfg, run_id=args.run_id, resume=args.resume, executor=executor)
         board, csv = write_leaderboard(result)
         print(board.to_string(max_colwidth=28))
         print(f"\nresults: {result.path}\nleaderboard: {csv} and {result.path / 'leaderboard.md'}")

@@ -18,6 +18,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from ..errors import SaliencyBenchError
+from .preprocess import PREPROCESSING
 
 DEFAULT_MODELS = ["synthetic-resnet", "synthetic-mobilenetv2", "synthetic-vgg"]
 DEFAULT_METHODS = [
@@ -40,6 +41,9 @@ class RunConfig:
     ``activations``, ``class-visualisation``, ``neighbours``, ``tsne``).
     ``image_size``: 0 resizes images to each model's own input size (its timm
     data config); a positive value resizes them to that size for every model.
+    ``preprocess``: ``squash`` (RISE), ``shorter_side`` (TorchRay: aspect kept,
+    scored at the original resolution) or ``center_crop`` (timm's eval transform);
+    see :mod:`saliencybench.benchmark.preprocess`.
     """
 
     models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
@@ -49,6 +53,7 @@ class RunConfig:
     dataset_params: dict[str, Any] = field(default_factory=dict)
     n_images: int = 48
     image_size: int = 0
+    preprocess: str = "squash"
     batch_size: int = 16
     seed: int = 0
     method_params: dict[str, dict[str, Any]] = field(default_factory=lambda: {
@@ -104,6 +109,8 @@ def config_from_dict(data: dict[str, Any], base: RunConfig | None = None) -> Run
         raise ConfigError(f"unknown config key(s) {unknown}; valid keys: {sorted(hints)}")
     for k, v in data.items():
         _check_type(k, v, hints[k])
+    if data.get("preprocess", "squash") not in PREPROCESSING:
+        raise ConfigError(f"config key 'preprocess' must be one of {PREPROCESSING}, got {data['preprocess']!r}")
     return dataclasses.replace(base or RunConfig(), **data)
 
 

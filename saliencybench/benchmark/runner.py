@@ -16,7 +16,7 @@ import hashlib
 import json
 import platform
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -24,11 +24,10 @@ from typing import Any
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..errors import NotApplicableError, SaliencyBenchError
-from ..methods.base import explain, get_method
+from ..errors import InvalidInputError, NotApplicableError, SaliencyBenchError
+from ..methods.base import explain, get_method, upsample
 from ..methods.shared import SharedPasses, pass_requests
 from ..metrics.base import get_metric
 from ..metrics.localisation import box_iou
@@ -39,6 +38,7 @@ from ..modelutil import target_score
 from .config import RunConfig, config_from_dict
 from .datasets import GroundTruthDataset, Sample, UnreadableImageError, get_dataset
 from .models import ModelBundle, load_model
+from .preprocess import preprocess
 
 
 GALLERY_IMAGES = 4
@@ -99,12 +99,13 @@ class TaskContext:
             self._dataset = get_dataset(self.config.dataset, **params)
         return self._dataset
 
-    def shared_passes(self, task: Task, images: torch.Tensor, targets: torch.Tensor) -> SharedPasses:
-        """The forward/backward passes the run's methods share on this task's shard (kept for one shard)."""
-        key = (task.model, task.indices)
+    def shared_passes(self, model: str, indices: tuple[int, ...], images: torch.Tensor,
+                      targets: torch.Tensor) -> SharedPasses:
+        """The forward/backward passes the run's methods share on these images (kept for one batch)."""
+        key = (model, indices)
         if self._shared is None or self._shared[0] != key:
             methods = {m: self.config.method_params.get(m, {}) for m in self.config.methods}
-            self._shared = (key, SharedPasses(self.model(task.model).model, images, targets, pass_requests(methods)))
+            self._shared = (key, SharedPasses(self.model(model).model, images, targets, pass_requests(methods)))
         return self._shared[1]
 
 
@@ -119,24 +120,16 @@ def plan_tasks(config: RunConfig, n_samples: int) -> list[Task]:
     return tasks
 
 
-def _load_batch(ds: GroundTruthDataset, indices: Iterable[int], size: int) -> tuple[list[Sample], list[dict[str, Any]]]:
-    """Samples resized (squashed) to ``size`` with boxes and masks scaled; unreadable ones recorded."""
-    samples, skipped = [], []
+def _load_batch(ds: GroundTruthDataset, indices: Iterable[int], size: int, mode: str = "squash",
+                crop_pct: float = 0.875) -> tuple[list[tuple[int, torch.Tensor, Sample]], list[dict[str, Any]]]:
+    """(index, model input, scored sample) preprocessed with ``mode``; unreadable or unusable samples recorded."""
+    prepared, skipped = [], []
     for i in indices:
         try:
-            s = ds[i]
-        except UnreadableImageError as e:
+            prepared.append((i, *preprocess(ds[i], size, mode, crop_pct)))
+        except (UnreadableImageError, InvalidInputError) as e:
             skipped.append({"index": i, "error": str(e)})
-            continue
-        h, w = s.image.shape[-2:]
-        if (h, w) != (size, size):
-            img = F.interpolate(s.image[None], size=(size, size), mode="bilinear", align_corners=False,
-                                antialias=True)[0]
-            mask = F.interpolate(s.mask[None, None].float(), size=(size, size), mode="nearest")[0, 0].bool()
-            scale = torch.tensor([size / w, size / h, size / w, size / h])
-            s = Sample(s.image_id, img.clamp(0, 1), s.label, s.boxes * scale, mask, s.difficult, s.meta)
-        samples.append(s)
-    return samples, skipped
+    return prepared, skipped
 
 
 def _json(obj: Any) -> str:
@@ -147,7 +140,9 @@ def run_task(task: Task, ctx: TaskContext) -> pd.DataFrame:
     """Execute one task and return its result rows (long format)."""
     cfg = ctx.config
     bundle = ctx.model(task.model)
-    samples, skipped = _load_batch(ctx.dataset, task.indices, cfg.image_size or bundle.input_size)
+    size = cfg.image_size or bundle.input_size
+    crop_pct = float(getattr(bundle.model, "pretrained_cfg", {}).get("crop_pct") or 0.875)
+    prepared, skipped = _load_batch(ctx.dataset, task.indices, size, cfg.preprocess, crop_pct)
     base = {"run_id": ctx.run_id, "dataset": cfg.dataset, "model": task.model, "method": task.method,
             "seed": cfg.seed, "versions": _json(package_versions())}
     mparams = get_method(task.method).resolve_params(cfg.method_params.get(task.method, {}))
@@ -155,20 +150,13 @@ def run_task(task: Task, ctx: TaskContext) -> pd.DataFrame:
         {**base, "image_id": f"#{s['index']}", "class": "", "metric": "skipped_image", "value": float("nan"),
          "method_params": _json(mparams), "metric_params": "{}", "note": s["error"]} for s in skipped
     ]
-    if not samples:
+    if not prepared:
         return pd.DataFrame(rows)
-    x = bundle.normalise(torch.stack([s.image for s in samples]))
-    t = torch.tensor([s.label for s in samples])
-    ids = [s.image_id for s in samples]
-    classes = [bundle.classes[s.label] if s.label < len(bundle.classes) else str(s.label) for s in samples]
-
-    def emit(metric: str, values: Iterable[float], params: dict[str, Any], note: str = "", **extra: Any) -> None:
-        for i, v in enumerate(values):
-            rows.append({**base, "image_id": ids[i], "class": classes[i], "metric": metric, "value": float(v),
-                         "method_params": _json(mparams), "metric_params": _json(params), "note": note,
-                         **{k: (val[i] if isinstance(val, list) else val) for k, val in extra.items()}})
-
-    if task.kind == "sanity":
+    if task.kind == "sanity":  # on inputs of one size (squashed when the protocol keeps aspect ratios)
+        samples = [s for _, _, s in prepared]
+        x = bundle.normalise(torch.stack([upsample(img, (size, size)) for _, img, _ in prepared]))
+        t = torch.tensor([s.label for s in samples])
+        ids, classes = [s.image_id for s in samples], [_class_name(bundle, s.label) for s in samples]
         df = sanity_randomization(bundle.model, x, t, task.method, per_image=True, seed=cfg.seed, method_params=mparams)
         for _, r in df.iterrows():
             for sim in ("spearman_abs", "spearman", "ssim"):
@@ -177,6 +165,35 @@ def run_task(task: Task, ctx: TaskContext) -> pd.DataFrame:
                              "metric_params": _json({"order": "cascading", "stage": int(r.stage)}),
                              "note": "", "stage": int(r.stage), "layer": r.layer})
         return pd.DataFrame(rows)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for pos, (_, img, _) in enumerate(prepared):
+        groups.setdefault(tuple(img.shape), []).append(pos)
+    for members in groups.values():
+        rows += _explain_rows(task, ctx, bundle, [prepared[i] for i in members], base, mparams, size)
+    return pd.DataFrame(rows)
+
+
+def _class_name(bundle: ModelBundle, label: int) -> str:
+    return bundle.classes[label] if label < len(bundle.classes) else str(label)
+
+
+def _explain_rows(task: Task, ctx: TaskContext, bundle: ModelBundle,
+                  prepared: list[tuple[int, torch.Tensor, Sample]], base: dict[str, Any], mparams: dict[str, Any],
+                  gallery_size: int) -> list[dict[str, Any]]:
+    """Rows of one explain task on (index, input, scored sample) triples whose inputs share one shape."""
+    cfg = ctx.config
+    rows: list[dict[str, Any]] = []
+    indices = tuple(i for i, _, _ in prepared)
+    samples = [s for _, _, s in prepared]
+    x = bundle.normalise(torch.stack([img for _, img, _ in prepared]))
+    t = torch.tensor([s.label for s in samples])
+    ids, classes = [s.image_id for s in samples], [_class_name(bundle, s.label) for s in samples]
+
+    def emit(metric: str, values: Iterable[float], params: dict[str, Any], note: str = "", **extra: Any) -> None:
+        for i, v in enumerate(values):
+            rows.append({**base, "image_id": ids[i], "class": classes[i], "metric": metric, "value": float(v),
+                         "method_params": _json(mparams), "metric_params": _json(params), "note": note,
+                         **{k: (val[i] if isinstance(val, list) else val) for k, val in extra.items()}})
 
     with torch.inference_mode():
         logits = bundle.model.eval()(x)
@@ -190,18 +207,19 @@ def run_task(task: Task, ctx: TaskContext) -> pd.DataFrame:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            heat = explain(bundle.model, x, t, task.method, shared=ctx.shared_passes(task, x, t), **mparams)
+            heat = explain(bundle.model, x, t, task.method, shared=ctx.shared_passes(task.model, indices, x, t),
+                           **mparams)
     except NotApplicableError as e:
         for metric in cfg.metrics:
             if metric != "sanity_randomization":
                 emit(metric, [float("nan")] * len(samples), {}, note=f"n/a: {e}")
-        return pd.DataFrame(rows)
+        return rows
     metrics = [m for m in cfg.metrics if m != "sanity_randomization"]
-    gallery = [i for i, idx in enumerate(task.indices[: len(samples)]) if idx < GALLERY_IMAGES]
-    for i in gallery:
+    for i in [i for i, idx in enumerate(indices) if idx < GALLERY_IMAGES]:
+        g = upsample(heat[i][None], (gallery_size, gallery_size))[0]
         rows.append({**base, "image_id": ids[i], "class": classes[i], "metric": "heatmap", "value": float("nan"),
                      "method_params": _json(mparams), "metric_params": "{}", "note": note,
-                     "heatmap": heat[i].numpy().astype("float16").tobytes(), "heatmap_shape": list(heat[i].shape)})
+                     "heatmap": g.numpy().astype("float16").tobytes(), "heatmap_shape": list(g.shape)})
     if {"deletion", "insertion"} & set(metrics):
         dp, ip = cfg.metric_params.get("deletion", {}), cfg.metric_params.get("insertion", {})
         res = deletion_insertion(
@@ -215,28 +233,77 @@ def run_task(task: Task, ctx: TaskContext) -> pd.DataFrame:
                 emit(m, auc.tolist(), {**get_metric(m).params, **cfg.metric_params.get(m, {}),
                                         "return_curves": None}, note,
                      curve=[json.dumps([round(float(c), 6) for c in row]) for row in curves])
-    masks = torch.stack([s.mask for s in samples])
+    # localisation metrics at the scored samples' resolution (the original one for shorter_side)
+    scored = [upsample(heat[i][None], tuple(s.mask.shape))[0] for i, s in enumerate(samples)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if "pointing_game" in metrics:
             p = {**get_metric("pointing_game").params, **cfg.metric_params.get("pointing_game", {})}
-            emit("pointing_game", pointing_game(heat, masks, **p).tolist(), p, note)
+            emit("pointing_game", [float(pointing_game(h[None], s.mask[None], **p)[0])
+                                   for h, s in zip(scored, samples)], p, note)
         if "energy_pointing_game" in metrics:
-            emit("energy_pointing_game", energy_pointing_game(heat, masks).tolist(), {}, note)
+            emit("energy_pointing_game", [float(energy_pointing_game(h[None], s.mask[None])[0])
+                                          for h, s in zip(scored, samples)], {}, note)
         if "box_iou" in metrics:
             p = {"threshold": 0.15, **cfg.metric_params.get("box_iou", {})}
-            ious, _, no_box = box_iou(heat, [s.boxes for s in samples], return_boxes=True, **p)
-            emit("box_iou", ious.tolist(), p, note, no_box=[bool(v) for v in no_box],
+            found = [box_iou(h[None], [s.boxes], return_boxes=True, **p) for h, s in zip(scored, samples)]
+            emit("box_iou", [float(f[0][0]) for f in found], p, note, no_box=[bool(f[2][0]) for f in found],
                  top1_correct=[bool(v) for v in top1_ok], top5_correct=[bool(v) for v in top5_ok])
-    return pd.DataFrame(rows)
+    return rows
 
 
 class InProcessExecutor:
     """Runs tasks one after another in this process (the default executor)."""
 
-    def map(self, fn: Callable[[Task], pd.DataFrame], tasks: list[Task]) -> Iterator[tuple[Task, pd.DataFrame]]:
+    def map(self, tasks: list[Task], ctx: TaskContext) -> Iterator[tuple[Task, pd.DataFrame]]:
         for task in tasks:
-            yield task, fn(task)
+            yield task, run_task(task, ctx)
+
+
+_WORKER: TaskContext | None = None
+
+
+def _start_worker(config: dict[str, Any], run_id: str, threads: int) -> None:
+    global _WORKER
+    torch.set_num_threads(threads)
+    _WORKER = TaskContext(config_from_dict(config), run_id)
+
+
+def _run_in_worker(task: Task) -> tuple[Task, pd.DataFrame]:
+    assert _WORKER is not None, "worker not started"
+    return task, run_task(task, _WORKER)
+
+
+class ProcessExecutor:
+    """Runs tasks in ``workers`` spawned processes, each with ``threads`` torch threads.
+
+    Only the config and the tasks cross the process boundary: each worker builds
+    its own models and data set from the config (a cluster executor would do the
+    same on other machines). Rows come back as tasks finish, in any order, and
+    the parent writes them, so resume works as with the in-process executor.
+    Shared forward/backward passes are kept per process, so they are reused when
+    consecutive tasks of one batch reach the same worker. Default models are trained (or loaded) in the parent first, so workers only
+    read the cache.
+    """
+
+    def __init__(self, workers: int = 2, threads: int = 1) -> None:
+        if workers < 1 or threads < 1:
+            raise SaliencyBenchError(f"workers and threads must be >= 1, got {workers} and {threads}")
+        self.workers, self.threads = workers, threads
+
+    def map(self, tasks: list[Task], ctx: TaskContext) -> Iterator[tuple[Task, pd.DataFrame]]:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        for name in {t.model for t in tasks}:
+            ctx.model(name)
+        pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"), initializer=_start_worker,
+                                   initargs=(ctx.config.to_dict(), ctx.run_id, self.threads))
+        try:
+            for future in as_completed([pool.submit(_run_in_worker, t) for t in tasks]):
+                yield future.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass
@@ -281,7 +348,7 @@ def open_run(path: str | Path) -> Run:
 
 
 def run(config: RunConfig | None = None, *, run_id: str | None = None, resume: str | Path | None = None,
-        executor: InProcessExecutor | None = None, progress: bool = True,
+        executor: InProcessExecutor | ProcessExecutor | None = None, progress: bool = True,
         stop_after: int | None = None) -> Run:
     """Run (or resume) a benchmark; results stream to ``<output>/<run_id>/rows/*.parquet``.
 
@@ -314,7 +381,7 @@ def run(config: RunConfig | None = None, *, run_id: str | None = None, resume: s
     done = {f.stem for f in (path / "rows").glob("*.parquet")}
     todo = [t for t in tasks if t.key not in done]
     bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc="tasks", disable=not progress)
-    for count, (task, rows) in enumerate((executor or InProcessExecutor()).map(lambda t: run_task(t, ctx), todo), 1):
+    for count, (task, rows) in enumerate((executor or InProcessExecutor()).map(todo, ctx), 1):
         _write_atomic(rows, path / "rows" / f"{task.key}.parquet")
         bar.update(1)
         bar.set_postfix_str(f"{task.model} {task.method}")
