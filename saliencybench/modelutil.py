@@ -9,7 +9,7 @@ when an exception is raised midway.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -76,6 +76,86 @@ def channels_last(model: nn.Module, enabled: bool = True) -> Iterator[Callable[[
         current = dict([*model.named_parameters(), *model.named_buffers()])
         for name, data in saved.items():
             current[name].data = data
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation failure (CUDA or CPU allocator)."""
+    text = str(error)
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
+
+
+def safe_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` for a batch Tensor[N,...]; on an out-of-memory error the batch is split
+    in halves (recursively, down to one input) and the outputs concatenated."""
+    try:
+        return model(x)
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+        if not is_out_of_memory(e) or x.shape[0] == 1:
+            raise
+    if x.is_cuda:
+        torch.cuda.empty_cache()
+    half = x.shape[0] // 2
+    return torch.cat([safe_forward(model, x[:half]), safe_forward(model, x[half:])])
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Free memory on ``device``: CUDA's free memory, or the host's available memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 4 << 30
+
+
+def auto_batch_size(model: nn.Module, image: torch.Tensor, fraction: float = 0.25, limit: int = 256) -> int:
+    """A batch size for inference of inputs like ``image`` Tensor[3,H,W] that uses at most
+    ``fraction`` of the free memory: the sum of all module outputs' sizes of one
+    probe forward bounds the memory per input (inference keeps fewer alive at once)."""
+    sizes: list[int] = []
+
+    def hook(_m: nn.Module, _i: object, out: object) -> None:
+        if isinstance(out, torch.Tensor):
+            sizes.append(out.numel() * out.element_size())
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.inference_mode():
+            model(image[None])
+    finally:
+        for h in handles:
+            h.remove()
+    per_input = max(sum(sizes), image.numel() * image.element_size())
+    return int(max(1, min(limit, fraction * free_memory_bytes(image.device) // per_input)))
+
+
+def resolve_batch_size(batch_size: int | str, model: nn.Module, images: torch.Tensor) -> int:
+    """``batch_size`` itself, or :func:`auto_batch_size` for ``"auto"``."""
+    if batch_size == "auto":
+        return auto_batch_size(model, images[0])
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise InvalidInputError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
+    return batch_size
+
+
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def autocast(images: torch.Tensor, precision: str = "float32"):
+    """A context running the forward passes in ``precision`` (torch.autocast), or a no-op for float32."""
+    if precision not in PRECISIONS:
+        raise InvalidInputError(f"unknown precision {precision!r}; use one of {sorted(PRECISIONS)}")
+    if PRECISIONS[precision] is None:
+        return nullcontext()
+    return torch.autocast(images.device.type, dtype=PRECISIONS[precision])
+
+
+def upcast(logits: torch.Tensor) -> torch.Tensor:
+    """Half-precision outputs (of autocast) as float32; others unchanged."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
 def fast_layout(images: torch.Tensor) -> bool:

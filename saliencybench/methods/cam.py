@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidInputError, NotApplicableError
-from ..modelutil import (GuardState, channels_last, fast_layout, forward_with_layer, gap_linear_head,
-                         has_feature_head_split, target_score)
+from ..modelutil import (GuardState, autocast, channels_last, fast_layout, forward_with_layer, gap_linear_head,
+                         has_feature_head_split, resolve_batch_size, safe_forward, target_score, upcast)
 from .base import Applicability, batch_slices, reduce_channels, register_method, upsample
 from .gradient import guided_gradients
 from .shared import GradientPass, PassNeeds, derives_from_pass
@@ -202,24 +202,26 @@ SCORECAM_WEIGHTS = ("probability", "channel_softmax")
 
 def scorecam_maps(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor, layer: str | None = None,
-    weights: str = "probability", align_corners: bool = False, batch_size: int = 64,
+    weights: str = "probability", align_corners: bool = False, batch_size: int | str = 64,
+    precision: str = "float32",
 ) -> torch.Tensor:
     """Score-CAM at the layer's resolution: Tensor[B,h,w] (see :func:`scorecam`)."""
     if weights not in SCORECAM_WEIGHTS:
         raise InvalidInputError(f"unknown Score-CAM weights {weights!r}; use one of {SCORECAM_WEIGHTS}")
+    batch_size = resolve_batch_size(batch_size, model, images)
     a, _, _ = layer_activations(model, images, targets, layer, with_grads=False, batch_size=batch_size)
     b, k = a.shape[:2]
     h, w = images.shape[-2:]
     kind = "probability" if weights == "probability" else "logit"
     scores = torch.empty(b, k, device=images.device, dtype=a.dtype)
-    with channels_last(model, fast_layout(images)) as fmt:
+    with channels_last(model, fast_layout(images)) as fmt, autocast(images, precision):
         for i in range(b):
             up = F.interpolate(a[i : i + 1], size=(h, w), mode="bilinear", align_corners=align_corners)[0]
             lo = up.flatten(1).amin(1).view(k, 1, 1)
             hi = up.flatten(1).amax(1).view(k, 1, 1)
             masks = (up - lo) / (hi - lo + 1e-8)
             for sl in batch_slices(k, batch_size):
-                logits = model(fmt(images[i : i + 1] * masks[sl, None]))
+                logits = upcast(safe_forward(model, fmt(images[i : i + 1] * masks[sl, None])))
                 scores[i, sl] = target_score(logits, targets[i : i + 1].expand(logits.shape[0]), kind)
     if weights == "channel_softmax":
         scores = scores.softmax(1)
@@ -235,7 +237,8 @@ def scorecam_maps(
 )
 def scorecam(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, layer: str | None = None,
-    weights: str = "probability", align_corners: bool = False, batch_size: int = 64,
+    weights: str = "probability", align_corners: bool = False, batch_size: int | str = 64,
+    precision: str = "float32",
 ) -> torch.Tensor:
     """Score-CAM: each channel, upsampled and min-max scaled to [0,1], masks the input.
 
@@ -243,9 +246,11 @@ def scorecam(
     ``weights="probability"`` uses the target's softmax probability (the authors'
     code); ``"channel_softmax"`` a softmax over channels of the target logits
     (pytorch-grad-cam). map = ReLU(sum_k w_k A_k), upsampled. Forward passes:
-    B x K, batched ``batch_size`` at a time. Returns Tensor[B,H,W].
+    B x K, batched ``batch_size`` at a time (``"auto"``: from free memory; a batch
+    that runs out of memory is split); ``precision``: float32 or bfloat16/float16
+    autocast. Returns Tensor[B,H,W].
     """
-    maps = scorecam_maps(model, images, targets, layer, weights, align_corners, batch_size)
+    maps = scorecam_maps(model, images, targets, layer, weights, align_corners, batch_size, precision)
     return upsample(maps, images.shape[-2:])
 
 

@@ -31,7 +31,8 @@ from torch import nn
 
 from ..errors import InvalidInputError
 from ..methods.base import batch_slices, generator
-from ..modelutil import channels_last, fast_layout, model_guard, num_classes, target_score
+from ..modelutil import (autocast, channels_last, fast_layout, model_guard, num_classes, resolve_batch_size,
+                         safe_forward, target_score, upcast)
 from ..validation import check_heatmaps, check_images, check_targets
 from .base import register_metric
 
@@ -130,7 +131,7 @@ def _score_curves(
         kk, bb = jobs_k[sl], jobs_b[sl]
         changed = (ranks[bb] < cnt[kk][:, None]).view(-1, 1, h, w)
         x = torch.where(changed, end[bb], start[bb])
-        curves[bb, kk] = target_score(model(fmt(x)), targets[bb], score).float()
+        curves[bb, kk] = target_score(upcast(safe_forward(model, fmt(x))), targets[bb], score).float()
     return curves
 
 
@@ -149,12 +150,15 @@ def deletion_insertion(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor, heatmaps: torch.Tensor, *,
     step: int | None = None, n_steps: int | None = None, deletion_substrate: str | float | torch.Tensor = "zeros",
     insertion_substrate: str | float | torch.Tensor = "blur", score: str = "probability", seed: int = 0,
-    batch_size: int = 64, clean_scores: torch.Tensor | None = None,
+    batch_size: int | str = 64, clean_scores: torch.Tensor | None = None, precision: str = "float32",
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Both curves with the clean image scored once: ``{"deletion"|"insertion": (auc[B], curves[B,n+1], x[n+1])}``.
 
     ``clean_scores`` Tensor[B]: the clean images' ``score``, when the caller has it
-    already (then the clean images are not scored here at all).
+    already (then the clean images are not scored here at all). ``batch_size``
+    ``"auto"`` sizes batches from free memory; any batch that runs out of memory
+    is split. ``precision``: ``float32``, or ``bfloat16``/``float16`` autocast
+    (for GPUs; check against float32 on your model).
     """
     images, targets, heatmaps = _prepare(model, images, targets, heatmaps)
     b, _, h, w = images.shape
@@ -162,9 +166,12 @@ def deletion_insertion(
     xs = counts.double() / (h * w)
     ranks = pixel_ranks(heatmaps, seed)
     n = len(counts) - 1
-    with model_guard(model), torch.inference_mode(), channels_last(model, fast_layout(images)) as fmt:
+    batch_size = resolve_batch_size(batch_size, model, images)
+    with model_guard(model), torch.inference_mode(), channels_last(model, fast_layout(images)) as fmt, \
+            autocast(images, precision):
         clean = clean_scores.float().to(images.device) if clean_scores is not None else torch.cat(
-            [target_score(model(fmt(images[sl])), targets[sl], score).float() for sl in batch_slices(b, batch_size)])
+            [target_score(upcast(safe_forward(model, fmt(images[sl]))), targets[sl], score).float()
+             for sl in batch_slices(b, batch_size)])
         dele = _score_curves(model, images, targets, ranks, counts, images,
                              make_substrate(images, deletion_substrate), score, batch_size, {0: clean}, fmt)
         ins = _score_curves(model, images, targets, ranks, counts, make_substrate(images, insertion_substrate),
@@ -174,8 +181,8 @@ def deletion_insertion(
 
 def _one_curve(
     kind: str, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, heatmaps: torch.Tensor, step: int | None,
-    n_steps: int | None, substrate: str | float | torch.Tensor, score: str, seed: int, batch_size: int,
-    return_curves: bool,
+    n_steps: int | None, substrate: str | float | torch.Tensor, score: str, seed: int, batch_size: int | str,
+    return_curves: bool, precision: str,
 ):
     images, targets, heatmaps = _prepare(model, images, targets, heatmaps)
     _, _, h, w = images.shape
@@ -184,7 +191,9 @@ def _one_curve(
     ranks = pixel_ranks(heatmaps, seed)
     sub = make_substrate(images, substrate)
     start, end = (images, sub) if kind == "deletion" else (sub, images)
-    with model_guard(model), torch.inference_mode(), channels_last(model, fast_layout(images)) as fmt:
+    batch_size = resolve_batch_size(batch_size, model, images)
+    with model_guard(model), torch.inference_mode(), channels_last(model, fast_layout(images)) as fmt, \
+            autocast(images, precision):
         curves = _score_curves(model, images, targets, ranks, counts, start, end, score, batch_size, {}, fmt)
     auc = _auc(curves, xs)
     return (auc, curves, xs) if return_curves else auc
@@ -194,27 +203,30 @@ def _one_curve(
 def deletion(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor, heatmaps: torch.Tensor, *,
     step: int | None = None, n_steps: int | None = None, substrate: str | float | torch.Tensor = "zeros",
-    score: str = "probability", seed: int = 0, batch_size: int = 64, return_curves: bool = False,
+    score: str = "probability", seed: int = 0, batch_size: int | str = 64, return_curves: bool = False,
+    precision: str = "float32",
 ):
     """Deletion AUC (lower is better): remove the most salient pixels first.
 
     images Tensor[B,3,H,W], targets LongTensor[B], heatmaps Tensor[B,H,W] ->
     AUC Tensor[B]; with ``return_curves=True`` also curves Tensor[B,n+1] and the
-    x-axis Tensor[n+1] (fraction of pixels removed).
+    x-axis Tensor[n+1] (fraction of pixels removed). ``batch_size`` and
+    ``precision`` as in :func:`deletion_insertion`.
     """
     return _one_curve("deletion", model, images, targets, heatmaps, step, n_steps, substrate, score, seed,
-                      batch_size, return_curves)
+                      batch_size, return_curves, precision)
 
 
 @register_metric("insertion", paper=PAPER, higher_is_better=True, inputs="model")
 def insertion(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor, heatmaps: torch.Tensor, *,
     step: int | None = None, n_steps: int | None = None, substrate: str | float | torch.Tensor = "blur",
-    score: str = "probability", seed: int = 0, batch_size: int = 64, return_curves: bool = False,
+    score: str = "probability", seed: int = 0, batch_size: int | str = 64, return_curves: bool = False,
+    precision: str = "float32",
 ):
     """Insertion AUC (higher is better): reveal the most salient pixels first onto ``substrate``.
 
     Shapes as :func:`deletion`; the x-axis is the fraction of pixels inserted.
     """
     return _one_curve("insertion", model, images, targets, heatmaps, step, n_steps, substrate, score, seed,
-                      batch_size, return_curves)
+                      batch_size, return_curves, precision)
