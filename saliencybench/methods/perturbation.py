@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidInputError
-from ..modelutil import target_score
+from ..modelutil import (autocast, channels_last, fast_layout, resolve_batch_size, safe_forward, target_score,
+                         upcast)
 from .base import batch_slices, generator, register_method
 
 
@@ -47,6 +48,7 @@ def window_starts(size: int, window: int, stride: int) -> torch.Tensor:
 def occlusion(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, window: int | None = None,
     stride: int | None = None, baseline: float = 0.0, score: str = "logit", batch_size: int = 64,
+    incremental: bool | None = None,
 ) -> torch.Tensor:
     """Occlusion: mean over the windows covering a pixel of score(clean) - score(occluded).
 
@@ -54,6 +56,11 @@ def occlusion(
     with ``stride``; defaults from :func:`default_occlusion_window`. Equal to
     ``captum.attr.Occlusion`` with sliding_window_shapes=(3,w,w), strides=(3,s,s).
     Forward passes: B x (number of windows) + B. Returns Tensor[B,H,W].
+
+    ``incremental``: recompute per window only the changed region of each feature
+    map (:mod:`.incremental`, exact up to rounding). ``None``: when the model splits
+    into local stages and that saves work; ``False``: full forward passes; ``True``:
+    always, raising :class:`NotApplicableError` with the reason when impossible.
     """
     b, _, h, w = images.shape
     dw, ds = default_occlusion_window(h, w)
@@ -63,6 +70,15 @@ def occlusion(
         raise InvalidInputError(f"occlusion window must be in [1, {min(h, w)}] for {h}x{w} images, got {window}")
     if not 1 <= stride <= window:
         raise InvalidInputError(f"occlusion stride must be in [1, window={window}], got {stride}")
+    if incremental is not False:
+        # Imported here: the incremental module builds on this one.
+        from .incremental import incremental_occlusion, plan_occlusion, run_occlusion_plan
+
+        kw = {"baseline": baseline, "score": score, "batch_size": batch_size}
+        if incremental:
+            plan = plan_occlusion(model, images, window=window, stride=stride)
+            return run_occlusion_plan(plan, images, targets, **kw)
+        return incremental_occlusion(model, images, targets, window=window, stride=stride, **kw)[0]
     dev = images.device
     rows = torch.arange(h, device=dev)
     cols = torch.arange(w, device=dev)
@@ -71,16 +87,19 @@ def occlusion(
     col_masks = (cols[None] >= xs[:, None]) & (cols[None] < xs[:, None] + window)  # [nx,W]
     n_win = len(ys) * len(xs)
     counts = row_masks.sum(0).float()[:, None] * col_masks.sum(0).float()[None, :]
-    clean = torch.cat([target_score(model(images[sl]), targets[sl], score) for sl in batch_slices(b, batch_size)])
     heat = torch.zeros(b, h, w, device=dev, dtype=torch.float32)
     jobs = b * n_win
-    for sl in batch_slices(jobs, batch_size):
-        job = torch.arange(sl.start, sl.stop, device=dev)
-        img, win = job // n_win, job % n_win
-        mask = row_masks[win // len(xs)][:, :, None] & col_masks[win % len(xs)][:, None, :]  # [n,H,W]
-        x = torch.where(mask[:, None], torch.as_tensor(baseline, dtype=images.dtype, device=dev), images[img])
-        delta = (clean[img] - target_score(model(x), targets[img], score)).float()
-        heat.index_add_(0, img, delta[:, None, None] * mask)
+    with channels_last(model, fast_layout(images)) as fmt:
+        clean = torch.cat([
+            target_score(model(fmt(images[sl])), targets[sl], score) for sl in batch_slices(b, batch_size)
+        ])
+        for sl in batch_slices(jobs, batch_size):
+            job = torch.arange(sl.start, sl.stop, device=dev)
+            img, win = job // n_win, job % n_win
+            mask = row_masks[win // len(xs)][:, :, None] & col_masks[win % len(xs)][:, None, :]  # [n,H,W]
+            x = torch.where(mask[:, None], torch.as_tensor(baseline, dtype=images.dtype, device=dev), images[img])
+            delta = (clean[img] - target_score(model(fmt(x)), targets[img], score)).float()
+            heat.index_add_(0, img, delta[:, None, None] * mask)
     return heat / counts
 
 
@@ -122,14 +141,17 @@ def rise_mask_batch(grids: torch.Tensor, shifts: torch.Tensor, height: int, widt
 )
 def rise(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, n_masks: int = 4000, grid_size: int = 7,
-    keep_prob: float = 0.5, seed: int = 0, score: str = "probability", batch_size: int = 64,
+    keep_prob: float = 0.5, seed: int = 0, score: str = "probability", batch_size: int | str = 64,
+    precision: str = "float32",
 ) -> torch.Tensor:
     """RISE: saliency = 1/(N p) sum_i score(image * M_i) M_i over N random smooth masks.
 
     Masks: ``grid_size`` x ``grid_size`` binary grids kept with ``keep_prob``,
     upsampled and randomly shifted (deterministic given ``seed``), shared by all
     images as in the authors' code; the tracked score is the target's softmax
-    probability. Forward passes: B x ``n_masks``. Returns Tensor[B,H,W].
+    probability. Forward passes: B x ``n_masks``, ``batch_size`` images each
+    (``"auto"``: from free memory; a batch that runs out of memory is split);
+    ``precision``: float32 or bfloat16/float16 autocast. Returns Tensor[B,H,W].
     """
     if n_masks < 1 or grid_size < 1 or not 0 < keep_prob <= 1:
         raise InvalidInputError("rise needs n_masks >= 1, grid_size >= 1 and 0 < keep_prob <= 1")
@@ -137,13 +159,15 @@ def rise(
     dev = images.device
     grids, shifts = rise_masks(n_masks, h, w, grid_size, keep_prob, seed)
     heat = torch.zeros(b, h, w, device=dev, dtype=torch.float32)
+    batch_size = resolve_batch_size(batch_size, model, images)
     per_chunk = max(1, batch_size // b)
-    for msl in batch_slices(n_masks, per_chunk):
-        masks = rise_mask_batch(grids[msl].to(dev), shifts[msl].to(dev), h, w).to(images.dtype)  # [m,H,W]
-        for isl in batch_slices(b, batch_size):
-            x = (images[None, isl] * masks[:, None, None]).flatten(0, 1)  # [m*bi,3,H,W]
-            bi = images[isl].shape[0]
-            tg = targets[isl].repeat(masks.shape[0])
-            sc = target_score(model(x), tg, score).view(masks.shape[0], bi).float()
-            heat[isl] += torch.einsum("mb,mhw->bhw", sc, masks.float())
+    with channels_last(model, fast_layout(images)) as fmt, autocast(images, precision):
+        for msl in batch_slices(n_masks, per_chunk):
+            masks = rise_mask_batch(grids[msl].to(dev), shifts[msl].to(dev), h, w).to(images.dtype)  # [m,H,W]
+            for isl in batch_slices(b, batch_size):
+                x = (images[None, isl] * masks[:, None, None]).flatten(0, 1)  # [m*bi,3,H,W]
+                bi = images[isl].shape[0]
+                tg = targets[isl].repeat(masks.shape[0])
+                sc = target_score(upcast(safe_forward(model, fmt(x))), tg, score).view(masks.shape[0], bi).float()
+                heat[isl] += torch.einsum("mb,mhw->bhw", sc, masks.float())
     return heat / (n_masks * keep_prob)
