@@ -10,9 +10,10 @@ import torch
 
 from saliencybench.benchmark.datasets import SHAPES, get_dataset, mask_box
 from saliencybench.benchmark.models import (
-    ModelLoadError, Recipe, default_model, load_model, read_state_dict, timm_model,
+    DEFAULT_ARCHS, DEFAULT_RECIPES, ModelLoadError, Recipe, default_model, load_model, read_state_dict, timm_model,
 )
-from saliencybench.errors import SaliencyBenchError, UnknownNameError
+from saliencybench.errors import NotApplicableError, SaliencyBenchError, UnknownNameError
+from saliencybench.modelutil import gap_linear_head
 
 
 def test_synthetic_is_deterministic_exact_and_split_by_seed():
@@ -63,6 +64,35 @@ def test_default_model_trains_once_then_loads_from_cache(tmp_path, monkeypatch):
     assert 0 <= second.info["val_accuracy"] <= 1 and second.info["recipe_key"] == recipe.key()
     assert second.model.forward_features(x).shape[-1] >= 7  # CAM-family maps of at least 7x7
     assert Recipe(arch="synthetic-resnet", epochs=2).key() != recipe.key()
+
+
+def test_default_architectures_fit_the_benchmark():
+    """Three timm families, >= 7x7 final maps and <= 192 channels at 64 px; only VGG's head is not GAP + linear."""
+    from timm.models.efficientnet import EfficientNet
+    from timm.models.resnet import ResNet
+    from timm.models.vgg import VGG
+
+    x = torch.rand(2, 3, 64, 64)
+    families = {"synthetic-resnet": ResNet, "synthetic-mobilenetv2": EfficientNet, "synthetic-vgg": VGG}
+    assert set(DEFAULT_ARCHS) == set(families) == set(DEFAULT_RECIPES)
+    for name, build in DEFAULT_ARCHS.items():
+        torch.manual_seed(0)
+        model = build(len(SHAPES)).eval()
+        assert isinstance(model, families[name]) and DEFAULT_RECIPES[name].arch == name
+        with torch.no_grad():
+            feats, logits = model.forward_features(x), model(x)
+        assert feats.shape[0] == 2 and feats.shape[1] <= 192 and min(feats.shape[-2:]) >= 7
+        assert logits.shape == (2, len(SHAPES))
+        assert sum(p.numel() for p in model.parameters()) < 2_000_000
+        if name == "synthetic-vgg":
+            with pytest.raises(NotApplicableError):
+                gap_linear_head(model, feats, logits)
+        else:
+            gap_linear_head(model, feats, logits)
+    mobilenet = DEFAULT_ARCHS["synthetic-mobilenetv2"](len(SHAPES))
+    assert any(type(m).__name__ == "InvertedResidual" for m in mobilenet.modules())
+    recipe = DEFAULT_RECIPES["synthetic-vgg"]
+    assert Recipe(arch=recipe.arch, head_lr_scale=1.0).key() != Recipe(arch=recipe.arch, head_lr_scale=0.5).key()
 
 
 def test_checkpoints_load_safely_and_fail_clearly(tmp_path):

@@ -24,8 +24,11 @@ import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from timm.layers import ClassifierHead
+from timm.models._efficientnet_builder import decode_arch_def
+from timm.models.efficientnet import EfficientNet
 from timm.models.resnet import BasicBlock, ResNet
-from timm.models.vgg import VGG
+from timm.models.vgg import VGG, ConvMlp
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -63,39 +66,79 @@ class ModelBundle:
 
 
 # ---- default models: trained on the synthetic set -------------------------------------
+#
+# Three timm families, each with 8x8 final maps at 64 px (output stride 8), 128 final
+# feature channels (Score-CAM costs one forward per channel) and 12-36 MMAC a forward, so
+# that all three train, data included, in about a minute on two CPU cores to >= 98 %
+# held-out accuracy. Design notes (measured on the synthetic set, 64 px):
+# - MobileNetV2: timm's ``mobilenetv2_035`` (depth 0.5, output stride 8) reached only
+#   0.27-0.64 after 8k-24k images. Its 1280-channel conv head feeds the classifier 1280
+#   ReLU6 features, so each AdamW step moves the logits by ~lr x 1280 and training
+#   oscillates (the same body with a 128-channel head: 0.80; the network below, one block
+#   deeper, with a 1280 head: 0.93 instead of 0.99, at 2.3x the cost), and width 0.35 leaves 8-channel
+#   linear bottlenecks in the first stages. Dilation and BN statistics were not the cause
+#   (a dilated variant of the network below trains as well; train- and eval-mode BN
+#   accuracies agree).
+# - VGG: the 7x7 conv-MLP head on 8x8 maps has a fan-in of 49 x C, so AdamW steps that
+#   suit the convolutions kill its ReLUs (loss stuck at ln 6); it trains with a 10x
+#   smaller learning rate (``head_lr_scale``), and BN in the features lets the body use
+#   the same rate as the ResNet.
+# - ResNet: depth matters more than width here: 1-1-1-1 blocks at widths 24-192 reached
+#   0.36-0.70 after 8k images, 2-2-2-2 at widths 16-128 0.94; 2-2-2-1 is as accurate
+#   (0.99 after 12k) at 2/3 of the cost. AdamW above ~1e-2 makes it erratic.
 
 def _synthetic_resnet(num_classes: int) -> nn.Module:
-    """timm ResNet (BasicBlock, 1-1-1-1, widths 24-192), output stride 8: 8x8 maps at 64 px, GAP+FC head."""
-    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes, channels=(24, 48, 96, 192), stem_width=24,
-                  output_stride=8)
+    """timm ResNet (BasicBlock 2-2-2-1, widths 16-128, deep stem), output stride 8: 8x8 maps at 64 px, GAP+FC head."""
+    return ResNet(BasicBlock, [2, 2, 2, 1], num_classes=num_classes, channels=(16, 32, 64, 128), stem_width=16,
+                  stem_type="deep", output_stride=8, zero_init_last=False)
 
 
 def _synthetic_vgg(num_classes: int) -> nn.Module:
-    """timm VGG (widths 16-128, conv-MLP head after the features: CAM does not apply), 8x8 maps at 64 px."""
-    return VGG([16, "M", 32, "M", 64, 64, "M", 128, 128], num_classes=num_classes, mlp_ratio=0.125)
+    """timm VGG with BN (widths 16-128), 8x8 maps at 64 px, conv-MLP head (7x7 + 1x1 conv): CAM does not apply."""
+    model = VGG([16, "M", 32, "M", 64, "M", 128, 128], num_classes=num_classes, norm_layer=nn.BatchNorm2d)
+    # timm's head is ConvMlp(C, 4096, 7) + a 4096-input classifier; a narrower one trains faster, same structure
+    model.pre_logits = ConvMlp(model.num_features, 256, kernel_size=7, mlp_ratio=0.5, drop_rate=0.0)
+    model.head = ClassifierHead(256, num_classes)
+    model.head_hidden_size = 256
+    model._initialize_weights()
+    return model
+
+
+_MOBILENET_ARCH = [  # timm arch strings: depthwise-separable, then inverted residuals (expansion 4)
+    ["ds_r1_k3_s1_c16"],
+    ["ir_r1_k3_s2_e4_c24"],
+    ["ir_r2_k3_s2_e4_c48"],
+    ["ir_r2_k3_s1_e4_c96"],
+]
 
 
 def _synthetic_mobilenet(num_classes: int) -> nn.Module:
-    """timm MobileNetV2 (width 0.35, half depth, ReLU6), output stride 8: 8x8 maps at 64 px, GAP+FC head."""
-    return timm.create_model("mobilenetv2_035", num_classes=num_classes, output_stride=8, depth_multiplier=0.5)
+    """timm MobileNetV2-style EfficientNet (inverted residuals, ReLU6, widths 16-96), 8x8 maps at 64 px, GAP+FC head."""
+    return EfficientNet(decode_arch_def(_MOBILENET_ARCH), num_classes=num_classes, num_features=128, stem_size=16,
+                        act_layer=nn.ReLU6)
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """Everything that determines a default model's weights; its hash keys the cache."""
+    """Everything that determines a default model's weights; its hash keys the cache.
+
+    AdamW with a one-cycle schedule; ``head_lr_scale`` scales the learning rate of the
+    layers after ``forward_features`` (VGG's wide-fan-in conv-MLP head needs a smaller one).
+    """
 
     arch: str
     size: int = 64
-    n_train: int = 4000
+    n_train: int = 3000
     n_val: int = 600
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 3e-3
+    epochs: int = 4
+    batch_size: int = 32
+    lr: float = 5e-3
+    head_lr_scale: float = 1.0
     weight_decay: float = 1e-4
     seed: int = 0
 
     def key(self) -> str:
-        blob = json.dumps({**self.__dict__, "v": 1, "timm": timm.__version__.split(".")[0]}, sort_keys=True)
+        blob = json.dumps({**self.__dict__, "v": 2, "timm": timm.__version__.split(".")[0]}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -104,8 +147,12 @@ DEFAULT_ARCHS: dict[str, Callable[[int], nn.Module]] = {
     "synthetic-mobilenetv2": _synthetic_mobilenet,
     "synthetic-vgg": _synthetic_vgg,
 }
-DEFAULT_RECIPES = {name: Recipe(arch=name) for name in DEFAULT_ARCHS}
-DEFAULT_RECIPES["synthetic-mobilenetv2"] = Recipe(arch="synthetic-mobilenetv2", epochs=6, lr=1e-2)
+DEFAULT_RECIPES = {
+    "synthetic-resnet": Recipe(arch="synthetic-resnet", epochs=4, lr=5e-3),
+    "synthetic-mobilenetv2": Recipe(arch="synthetic-mobilenetv2", epochs=3, lr=2e-2),
+    "synthetic-vgg": Recipe(arch="synthetic-vgg", epochs=5, lr=5e-3, head_lr_scale=0.1),
+}
+_HEAD_PREFIXES = ("pre_logits.", "head.", "fc.", "classifier.")  # timm: the modules forward_head runs
 
 
 def cache_dir() -> Path:
@@ -131,19 +178,63 @@ def evaluate_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     return correct / len(images)
 
 
+# The default recipes share their data (same size, counts and seed): it is rendered once
+# per process and kept until every default model that uses it is cached on disk.
+_DATA: dict[tuple[int, int, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _data_key(recipe: Recipe) -> tuple[int, int, int, int]:
+    return recipe.size, recipe.n_train, recipe.n_val, recipe.seed
+
+
+def _training_data(recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(train images, labels, val images, labels) of the synthetic set, images in [0,1]; cached in-process."""
+    key = _data_key(recipe)
+    if key not in _DATA:
+        threads = torch.get_num_threads()
+        # rendering is thousands of tiny tensor ops: one thread is as fast when idle and
+        # 10x faster when other processes load the cores (OpenMP barriers); same images
+        torch.set_num_threads(1)
+        try:
+            xtr, ytr = get_dataset("synthetic", size=recipe.size, n_images=recipe.n_train, seed=recipe.seed,
+                                   split="train").tensors()
+            xva, yva = get_dataset("synthetic", size=recipe.size, n_images=recipe.n_val, seed=recipe.seed,
+                                   split="val").tensors()
+        finally:
+            torch.set_num_threads(threads)
+        _DATA.clear()
+        _DATA[key] = (xtr, ytr, xva, yva)
+    return _DATA[key]
+
+
+def _release_training_data(recipe: Recipe) -> None:
+    """Drop the shared data once all default models that use it are cached."""
+    key = _data_key(recipe)
+    users = [n for n, r in DEFAULT_RECIPES.items() if _data_key(r) == key]
+    if all((cache_dir() / f"{n}-{DEFAULT_RECIPES[n].key()}.safetensors").exists() for n in users):
+        _DATA.pop(key, None)
+
+
 def train_default_model(recipe: Recipe, progress: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """Train a default model from its recipe: (model in eval mode, info with accuracy and time)."""
     torch.manual_seed(recipe.seed)
     g = torch.Generator().manual_seed(recipe.seed)
     model = DEFAULT_ARCHS[recipe.arch](len(SHAPES))
-    norm = lambda x: (x - 0.5) / 0.25  # noqa: E731  (SYNTHETIC_MEAN / SYNTHETIC_STD)
+
+    def norm(x: torch.Tensor) -> torch.Tensor:  # SYNTHETIC_MEAN / SYNTHETIC_STD
+        return ((x - 0.5) / 0.25).contiguous(memory_format=torch.channels_last)
+
     t0 = time.perf_counter()
-    xtr, ytr = get_dataset("synthetic", size=recipe.size, n_images=recipe.n_train, seed=recipe.seed, split="train").tensors()
-    xva, yva = get_dataset("synthetic", size=recipe.size, n_images=recipe.n_val, seed=recipe.seed, split="val").tensors()
+    xtr, ytr, xva, yva = _training_data(recipe)
     xtr, xva = norm(xtr), norm(xva)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    model = model.to(memory_format=torch.channels_last)  # channels-last: ~1.2-1.5x faster training on CPU
+    head = [p for n, p in model.named_parameters() if n.startswith(_HEAD_PREFIXES)]
+    body = [p for n, p in model.named_parameters() if not n.startswith(_HEAD_PREFIXES)]
+    lrs = [recipe.lr, recipe.lr * recipe.head_lr_scale]
+    opt = torch.optim.AdamW([{"params": body, "lr": lrs[0]}, {"params": head, "lr": lrs[1]}],
+                            weight_decay=recipe.weight_decay)
     steps = recipe.epochs * ((len(xtr) + recipe.batch_size - 1) // recipe.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=steps, pct_start=0.25)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lrs, total_steps=steps, pct_start=0.25)
     bar = tqdm(total=steps, desc=f"train {recipe.arch}", disable=not progress, leave=False)
     for _epoch in range(recipe.epochs):
         model.train()
@@ -159,7 +250,7 @@ def train_default_model(recipe: Recipe, progress: bool = True) -> tuple[nn.Modul
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     acc = evaluate_accuracy(model, xva, yva)
-    model.eval()
+    model = model.to(memory_format=torch.contiguous_format).eval()  # as when loaded from the cache
     return model, {"val_accuracy": acc, "train_seconds": time.perf_counter() - t0, "recipe": recipe.__dict__,
                    "recipe_key": recipe.key()}
 
@@ -179,6 +270,7 @@ def default_model(name: str, recipe: Recipe | None = None, retrain: bool = False
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
         tmp.replace(weights)
         meta.write_text(json.dumps(info, indent=2))
+        _release_training_data(recipe)
     info = {**info, "source": "trained on synthetic", "weights": str(weights)}
     return ModelBundle(name, model.eval(), list(SHAPES), recipe.size, SYNTHETIC_MEAN, SYNTHETIC_STD, info)
 
