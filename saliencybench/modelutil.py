@@ -164,6 +164,27 @@ def fast_layout(images: torch.Tensor) -> bool:
     return images.dtype in (torch.float32, torch.float16, torch.bfloat16)
 
 
+def iter_tensors(obj: object) -> Iterator[torch.Tensor]:
+    """Every tensor in a (nested) tensor, list, tuple or dict, in order."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from iter_tensors(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from iter_tensors(o)
+
+
+def int_pair(v: object, default: object = None) -> tuple[int, int]:
+    """A module's (h, w) setting as two ints: a scalar, a pair, or the last two of a longer tuple."""
+    if v is None or (isinstance(v, (list, tuple)) and len(v) == 0):
+        v = default
+    if isinstance(v, (list, tuple)):
+        return (int(v[-2]), int(v[-1])) if len(v) >= 2 else (int(v[0]), int(v[0]))
+    return (int(v), int(v))
+
+
 def target_score(logits: torch.Tensor, targets: torch.Tensor, score: str = "logit") -> torch.Tensor:
     """Select the target class score from ``logits[B,C]``: Tensor[B].
 

@@ -34,7 +34,6 @@ of its wider branch. Stated assumptions:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +42,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import NotApplicableError
-from ..modelutil import get_module, model_guard
+from ..modelutil import get_module, int_pair, iter_tensors, model_guard
 
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _MAXPOOL_ARGS = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
@@ -105,25 +104,6 @@ class _Field:
     reason: str | None = None
 
 
-def _pair(v: Any, default: Any = None) -> tuple[int, int]:
-    if v is None or (isinstance(v, (list, tuple)) and len(v) == 0):
-        v = default
-    if isinstance(v, (list, tuple)):
-        return (int(v[0]), int(v[-1])) if len(v) <= 2 else (int(v[-2]), int(v[-1]))
-    return (int(v), int(v))
-
-
-def _tensors(obj: Any) -> Iterator[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from _tensors(o)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            yield from _tensors(o)
-
-
 def _spatial_in(shape: torch.Size, hw: tuple[int, int]) -> bool:
     """Whether ``hw`` occurs as two consecutive non-batch dimensions of ``shape``."""
     dims = tuple(shape)[1:]
@@ -181,10 +161,10 @@ class _FieldTracer(TorchFunctionMode):
         return out
 
     def _propagate(self, name: str, args: tuple, kwargs: dict, out: Any) -> None:
-        ins = [f for t in _tensors((args, kwargs)) if (f := self.get(t)) is not None]
+        ins = [f for t in iter_tensors((args, kwargs)) if (f := self.get(t)) is not None]
         if not ins:
             return
-        outs = [t for t in _tensors(out) if t.ndim >= 2]
+        outs = [t for t in iter_tensors(out) if t.ndim >= 2]
         if name in _KERNEL_OPS:
             self._kernel_op(name, args, kwargs, outs)
         elif name == "pad":
@@ -203,22 +183,22 @@ class _FieldTracer(TorchFunctionMode):
             return
         if name == "conv2d":
             kernel = (int(bound["weight"].shape[-2]), int(bound["weight"].shape[-1]))
-            dilation = _pair(bound.get("dilation"), 1)
-            stride = _pair(bound.get("stride"), 1)
+            dilation = int_pair(bound.get("dilation"), 1)
+            stride = int_pair(bound.get("stride"), 1)
             padding = bound.get("padding", 0)
             if padding == "valid":
                 padding = 0
             elif padding == "same":  # torch puts the odd pixel of an uneven padding at the end
                 padding = tuple(dilation[n] * (kernel[n] - 1) // 2 for n in range(2))
         else:
-            kernel = _pair(bound["kernel_size"])
-            dilation = _pair(bound.get("dilation"), 1) if "dilation" in _KERNEL_OPS[name] else (1, 1)
-            stride = _pair(bound.get("stride"), kernel)
+            kernel = int_pair(bound["kernel_size"])
+            dilation = int_pair(bound.get("dilation"), 1) if "dilation" in _KERNEL_OPS[name] else (1, 1)
+            stride = int_pair(bound.get("stride"), kernel)
             padding = bound.get("padding", 0)
         for t in outs:
             if t.ndim == 4:
                 hw = (int(t.shape[-2]), int(t.shape[-1]))
-                self.set(t, _kernel_field(src, kernel, stride, _pair(padding), dilation, hw))
+                self.set(t, _kernel_field(src, kernel, stride, int_pair(padding), dilation, hw))
 
     def _pad_op(self, args: tuple, kwargs: dict, outs: list[torch.Tensor]) -> None:
         """F.pad: (left, right, top, bottom) moves the start of the field by (top, left) units."""
@@ -280,7 +260,7 @@ def receptive_field(model: nn.Module, layer: str, input_size: int | tuple[int, i
     from .features import first_conv
 
     module = get_module(model, layer)
-    hw = _pair(input_size) if input_size is not None else default_input_size(model)
+    hw = int_pair(input_size) if input_size is not None else default_input_size(model)
     c = in_channels if in_channels is not None else first_conv(model)[1].in_channels
     p = next(model.parameters(), None)
     x = torch.zeros(1, c, *hw, dtype=p.dtype if p is not None else torch.float32,
@@ -289,7 +269,7 @@ def receptive_field(model: nn.Module, layer: str, input_size: int | tuple[int, i
     captured: list[tuple[torch.Tensor, _Field | None]] = []
 
     def hook(_m: nn.Module, _inp: object, out: Any) -> None:
-        t = next(_tensors(out), None)
+        t = next(iter_tensors(out), None)
         if t is not None:
             captured.append((t, tracer.get(t)))
         raise _Stop

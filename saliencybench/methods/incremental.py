@@ -61,7 +61,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import InvalidInputError, NotApplicableError
-from ..modelutil import channels_last, fast_layout, has_feature_head_split, target_score
+from ..modelutil import channels_last, fast_layout, has_feature_head_split, int_pair, iter_tensors, target_score
 from .base import batch_slices
 from .perturbation import default_occlusion_window, occlusion, window_starts
 
@@ -168,25 +168,6 @@ class Stage:
 
 # ---- locality tracing -------------------------------------------------------------------
 
-def _tensors(obj: Any) -> Iterator[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from _tensors(o)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            yield from _tensors(o)
-
-
-def _pair(v: Any, default: Any = None) -> tuple[int, int]:
-    if v is None or (isinstance(v, (list, tuple)) and len(v) == 0):
-        v = default
-    if isinstance(v, (list, tuple)):
-        return (int(v[-2]), int(v[-1])) if len(v) >= 2 else (int(v[0]), int(v[0]))
-    return (int(v), int(v))
-
-
 def _union(fields: Sequence[Geometry]) -> Geometry | str:
     """The geometry reading every input any of ``fields`` reads (a residual block's paths)."""
     axes = []
@@ -222,10 +203,10 @@ class _LocalityTracer(TorchFunctionMode):
         return out
 
     def _propagate(self, name: str, args: tuple, kwargs: dict, out: Any) -> None:
-        traced = [t for t in _tensors((args, kwargs)) if id(t) in self.fields]
+        traced = [t for t in iter_tensors((args, kwargs)) if id(t) in self.fields]
         if not traced:
             return
-        outs = list(_tensors(out))
+        outs = list(iter_tensors(out))
         if not outs:
             if name == "__setitem__":
                 self.set(args[0], "it writes into a feature map in place (__setitem__)")
@@ -283,7 +264,7 @@ class _LocalityTracer(TorchFunctionMode):
             return f"operation {name!r} mixes maps of different sizes or batch entries"
         if name != "prelu":
             ids = {id(t) for t in traced}
-            for t in _tensors((args, kwargs)):
+            for t in iter_tensors((args, kwargs)):
                 if id(t) not in ids and t.numel() > 1 and (t.ndim < 2 or tuple(t.shape[-2:]) != (1, 1)):
                     return f"operation {name!r} combines the map with a position-dependent tensor"
         return _union([self.fields[id(t)] for t in traced])  # type: ignore[misc]
@@ -295,19 +276,19 @@ class _LocalityTracer(TorchFunctionMode):
         if name == "conv2d":
             weight = bound["weight"]
             kernel = (int(weight.shape[-2]), int(weight.shape[-1]))
-            dilation = _pair(bound.get("dilation"), 1)
-            stride = _pair(bound.get("stride"), 1)
+            dilation = int_pair(bound.get("dilation"), 1)
+            stride = int_pair(bound.get("stride"), 1)
             padding = bound.get("padding", 0)
             if padding == "valid":
                 padding = 0
             elif padding == "same":
                 padding = tuple(dilation[n] * (kernel[n] - 1) // 2 for n in range(2))
         else:
-            kernel = _pair(bound["kernel_size"])
-            dilation = _pair(bound.get("dilation"), 1) if name != "avg_pool2d" else (1, 1)
-            stride = _pair(bound.get("stride"), kernel)
+            kernel = int_pair(bound["kernel_size"])
+            dilation = int_pair(bound.get("dilation"), 1) if name != "avg_pool2d" else (1, 1)
+            stride = int_pair(bound.get("stride"), kernel)
             padding = bound.get("padding", 0)
-        padding = _pair(padding)
+        padding = int_pair(padding)
         step = [AxisGeometry(dilation[n] * (kernel[n] - 1) + 1, stride[n], padding[n]) for n in range(2)]
         return (src[0].then(step[0]), src[1].then(step[1]))
 
