@@ -78,6 +78,175 @@ def channels_last(model: nn.Module, enabled: bool = True) -> Iterator[Callable[[
             current[name].data = data
 
 
+class _DropAct(nn.Module):
+    """What is left of timm's ``BatchNormAct2d`` once its normalisation is folded: drop, then act."""
+
+    def __init__(self, drop: nn.Module, act: nn.Module):
+        super().__init__()
+        self.drop, self.act = drop, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(x))
+
+
+def _norm_remainder(bn: nn.Module) -> nn.Module | None:
+    """The module that replaces a folded batch norm, or ``None`` when it cannot be folded."""
+    if bn.training or not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
+        return None
+    if bn._forward_hooks or bn._forward_pre_hooks:
+        return None
+    if type(bn) is nn.BatchNorm2d:
+        return nn.Identity()
+    if type(bn).__name__ == "BatchNormAct2d" and isinstance(getattr(bn, "drop", None), nn.Module) \
+            and isinstance(getattr(bn, "act", None), nn.Module):
+        return _DropAct(bn.drop, bn.act)
+    return None
+
+
+def conv_batchnorm_pairs(model: nn.Module, probe: torch.Tensor) -> tuple[list[tuple[nn.Conv2d, nn.Module]], object]:
+    """The (convolution, batch norm) pairs where the norm reads the convolution's output
+    directly, found on one forward pass of ``probe`` Tensor[1,3,H,W]: ``(pairs, output)``.
+
+    A convolution or norm called more than once (shared modules) is left out.
+    """
+    produced: dict[int, tuple[torch.Tensor, nn.Conv2d]] = {}  # the tensors are kept alive: ids stay unique
+    calls: dict[int, int] = {}
+    pairs: dict[int, tuple[nn.Conv2d, nn.Module]] = {}
+    handles = []
+
+    def conv_hook(m: nn.Module, _inp: object, out: object) -> None:
+        calls[id(m)] = calls.get(id(m), 0) + 1
+        if isinstance(out, torch.Tensor):
+            produced[id(out)] = (out, m)  # type: ignore[assignment]
+
+    def bn_hook(m: nn.Module, inp: tuple[object, ...]) -> None:
+        calls[id(m)] = calls.get(id(m), 0) + 1
+        x = inp[0] if inp else None
+        out, conv = produced.get(id(x), (None, None))
+        if conv is not None and out is x and getattr(conv, "out_channels", None) == getattr(m, "num_features", 0):
+            pairs[id(m)] = (conv, m)
+
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            handles.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.BatchNorm2d):
+            handles.append(m.register_forward_pre_hook(bn_hook))
+    try:
+        out = model(probe)
+    finally:
+        for h in handles:
+            h.remove()
+    convs = [conv for conv, _ in pairs.values()]
+    keep = [(c, bn) for c, bn in pairs.values()
+            if calls[id(c)] == 1 and calls[id(bn)] == 1 and convs.count(c) == 1]
+    return keep, out
+
+
+def _outputs_close(a: object, b: object, rtol: float = 1e-4) -> bool:
+    ta, tb = list(iter_tensors(a)), list(iter_tensors(b))
+    if len(ta) != len(tb) or not ta:
+        return False
+    for x, y in zip(ta, tb):
+        if x.shape != y.shape:
+            return False
+        x, y = x.double(), y.double()
+        if not torch.allclose(x, y, rtol=rtol, atol=rtol * float(y.abs().max()) + 1e-12):
+            return False
+    return True
+
+
+@contextmanager
+def folded_batchnorm(model: nn.Module, probe: torch.Tensor) -> Iterator[int]:
+    """Run a block with eval-mode batch norms folded into the convolutions that feed them.
+
+    Each norm ``y = (x - mean) / sqrt(var + eps) * gamma + beta`` right after a
+    convolution becomes part of that convolution's weight and bias, and the norm is
+    swapped for ``nn.Identity`` (timm's ``BatchNormAct2d``: for its drop and act), so
+    inference skips one pass over every feature map; this is what compilers do.
+    The pairs come from one forward pass of ``probe`` Tensor[1,3,H,W], and the folded
+    model must reproduce that pass to 1e-4 of its largest output, else nothing is
+    folded. Yields the number of norms folded. Weights, biases and modules are
+    restored on exit, also after an exception. Only for inference: not for
+    gradients with respect to intermediate layers.
+    """
+    with torch.inference_mode():
+        pairs, reference = conv_batchnorm_pairs(model, probe)
+    parents = {id(m): (parent, name) for parent in model.modules() for name, m in parent.named_children()}
+    seen: dict[int, int] = {}
+    for m in model.modules(remove_duplicate=False):
+        seen[id(m)] = seen.get(id(m), 0) + 1
+    undo: list[Callable[[], None]] = []
+    folded_count = 0
+
+    def restore() -> None:
+        for fn in reversed(undo):
+            fn()
+        undo.clear()
+
+    try:
+        for conv, bn in pairs:
+            remainder = _norm_remainder(bn)
+            if remainder is None or seen.get(id(bn), 0) != 1 or id(bn) not in parents:
+                continue
+            parent, name = parents[id(bn)]
+            with torch.inference_mode(False), torch.no_grad():
+                scale = bn.running_var.to(conv.weight.dtype).add(bn.eps).rsqrt()
+                shift = -bn.running_mean.to(scale.dtype) * scale
+                if bn.weight is not None:
+                    scale = scale * bn.weight.to(scale.dtype)
+                    shift = shift * bn.weight.to(scale.dtype)
+                if bn.bias is not None:
+                    shift = shift + bn.bias.to(scale.dtype)
+                weight = conv.weight.data
+                fmt = torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last) \
+                    and not weight.is_contiguous() else torch.contiguous_format
+                folded = (weight * scale.view(-1, 1, 1, 1)).contiguous(memory_format=fmt)
+                bias = shift if conv.bias is None else conv.bias.data * scale + shift
+            old_bias = conv.bias
+            old_weight, old_bias_data = weight, None if old_bias is None else old_bias.data
+            conv.weight.data = folded
+            if old_bias is None:
+                conv.bias = nn.Parameter(bias, requires_grad=False)
+                undo.append(lambda c=conv: setattr(c, "bias", None))
+            else:
+                old_bias.data = bias
+                undo.append(lambda p=old_bias, d=old_bias_data: setattr(p, "data", d))
+            undo.append(lambda c=conv, w=old_weight: setattr(c.weight, "data", w))
+            setattr(parent, name, remainder)
+            undo.append(lambda p=parent, n=name, m=bn: setattr(p, n, m))
+            folded_count += 1
+        if folded_count:
+            with torch.inference_mode():
+                if not _outputs_close(model(probe), reference):
+                    restore()
+                    folded_count = 0
+        yield folded_count
+    finally:
+        restore()
+
+
+@contextmanager
+def fast_inference(model: nn.Module, images: torch.Tensor, *, fold: bool = True
+                   ) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+    """Run many inference forward passes on inputs like ``images`` Tensor[B,3,H,W] fast.
+
+    For float32/16 inputs (:func:`fast_layout`): weights channels_last
+    (:func:`channels_last`) and, with ``fold``, batch norms folded into their
+    convolutions (:func:`folded_batchnorm`, checked on one image). Yields the function
+    that puts a batch in the model's memory format. Outputs equal plain forward passes
+    up to float rounding (about 1e-6 relative). The model is restored on exit.
+    """
+    if not fast_layout(images):
+        yield lambda x: x
+        return
+    with channels_last(model) as fmt:
+        if fold and not any(m.training for m in model.modules()):
+            with folded_batchnorm(model, fmt(images[:1])):
+                yield fmt
+        else:
+            yield fmt
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` is an allocation failure (CUDA or CPU allocator)."""
     text = str(error)

@@ -1,4 +1,4 @@
-"""The fast paths (channels_last layout, shared clean scores) change no result."""
+"""The fast paths (channels_last layout, folded batch norms, shared clean scores) change no result."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ import pytest
 import torch
 
 import saliencybench as sb
-from saliencybench.methods import cam, perturbation
-from saliencybench.metrics import perturbation_curves
-from saliencybench.modelutil import auto_batch_size, channels_last, safe_forward
+from saliencybench import modelutil
+from saliencybench.modelutil import auto_batch_size, channels_last, fast_inference, folded_batchnorm, safe_forward
 
 from conftest import make_images, make_model
 
@@ -35,8 +34,7 @@ def test_fast_layout_gives_the_same_perturbation_scores(monkeypatch):
         "scorecam": sb.explain(model, x, t, "scorecam", layer="layer3"),
         "curves": sb.metrics.deletion_insertion(model, x, t, heat, n_steps=8)["insertion"][1],
     }
-    for module in (cam, perturbation, perturbation_curves):
-        monkeypatch.setattr(module, "fast_layout", lambda images: False)
+    monkeypatch.setattr(modelutil, "fast_layout", lambda images: False)
     plain = {
         "rise": sb.explain(model, x, t, "rise", n_masks=40),
         "scorecam": sb.explain(model, x, t, "scorecam", layer="layer3"),
@@ -44,6 +42,73 @@ def test_fast_layout_gives_the_same_perturbation_scores(monkeypatch):
     }
     for k in fast:
         assert torch.allclose(fast[k], plain[k], rtol=1e-4, atol=1e-5 * float(plain[k].abs().max())), k
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "densenet121"])
+def test_folded_batchnorm_keeps_outputs_and_restores_the_model(name):
+    """Folding is checked against the unfolded outputs and undone on exit: resnet18 (plain
+    BatchNorm2d), efficientnet_b0 (timm BatchNormAct2d with SiLU), densenet121 (norms
+    after concatenations, which must not be folded, and after each bottleneck convolution)."""
+    model = make_model(name, dtype=torch.float32)
+    x = make_images(dtype=torch.float32)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = dict(model.named_modules())
+    with torch.inference_mode():
+        ref = model(x)
+        with folded_batchnorm(model, x[:1]) as n:
+            norms_left = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+            out = model(x)
+        after = model(x)
+    convs_then_norm = {"resnet18": 20, "efficientnet_b0": 49, "densenet121": 59}[name]
+    assert n == convs_then_norm and len(norms_left) == len([m for m in modules.values()
+                                                            if isinstance(m, torch.nn.BatchNorm2d)]) - n
+    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+    assert not torch.equal(out, ref)  # the arithmetic did change: the norms were really folded
+    assert torch.equal(after, ref) and dict(model.named_modules()).keys() == modules.keys()
+    assert all(a is b for a, b in zip(dict(model.named_modules()).values(), modules.values()))
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()) and state.keys() == \
+        model.state_dict().keys()
+
+
+class _ConvUsedTwice(torch.nn.Module):
+    """A convolution whose output feeds a norm and, unnormalised, a residual sum: folding the norm
+    into the convolution would change the sum, and the check must catch it."""
+
+    num_classes = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(3)
+        self.head = torch.nn.Linear(3, 4)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.head((self.bn(y) + y).mean((2, 3)))
+
+
+def test_folding_that_would_change_the_output_is_refused():
+    torch.manual_seed(0)
+    model = _ConvUsedTwice().eval()
+    x = make_images(dtype=torch.float32)
+    with torch.inference_mode():
+        ref = model(x)
+        with folded_batchnorm(model, x[:1]) as n:
+            out = model(x)
+            assert n == 0 and isinstance(model.bn, torch.nn.BatchNorm2d)
+        with fast_inference(model, x) as fmt:
+            fast = model(fmt(x))
+    assert torch.equal(out, ref) and torch.allclose(fast, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_models_in_training_mode_are_not_folded():
+    model = make_model("resnet18", dtype=torch.float32).train()
+    x = make_images(dtype=torch.float32)
+    with torch.no_grad(), fast_inference(model, x):
+        assert isinstance(model.bn1, torch.nn.BatchNorm2d)
 
 
 class _SmallMemory(torch.nn.Module):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidInputError, NotApplicableError
-from ..modelutil import (GuardState, autocast, channels_last, fast_layout, forward_with_layer, gap_linear_head,
+from ..modelutil import (GuardState, autocast, fast_inference, forward_with_layer, gap_linear_head,
                          has_feature_head_split, resolve_batch_size, safe_forward, target_score, upcast)
 from .base import Applicability, batch_slices, reduce_channels, register_method, upsample
 from .gradient import guided_gradients
@@ -214,14 +214,18 @@ def scorecam_maps(
     h, w = images.shape[-2:]
     kind = "probability" if weights == "probability" else "logit"
     scores = torch.empty(b, k, device=images.device, dtype=a.dtype)
-    with channels_last(model, fast_layout(images)) as fmt, autocast(images, precision):
+    with fast_inference(model, images) as fmt, autocast(images, precision):
+        source = fmt(images)
+        buffer = fmt(torch.empty(min(k, batch_size), *images.shape[1:], device=images.device, dtype=images.dtype))
         for i in range(b):
             up = F.interpolate(a[i : i + 1], size=(h, w), mode="bilinear", align_corners=align_corners)[0]
             lo = up.flatten(1).amin(1).view(k, 1, 1)
             hi = up.flatten(1).amax(1).view(k, 1, 1)
-            masks = (up - lo) / (hi - lo + 1e-8)
+            masks = ((up - lo) / (hi - lo + 1e-8)).to(images.dtype)
             for sl in batch_slices(k, batch_size):
-                logits = upcast(safe_forward(model, fmt(images[i : i + 1] * masks[sl, None])))
+                x = buffer[: sl.stop - sl.start]
+                torch.mul(source[i : i + 1], masks[sl, None], out=x)
+                logits = upcast(safe_forward(model, x))
                 scores[i, sl] = target_score(logits, targets[i : i + 1].expand(logits.shape[0]), kind)
     if weights == "channel_softmax":
         scores = scores.softmax(1)

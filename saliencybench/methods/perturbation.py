@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidInputError
-from ..modelutil import (autocast, channels_last, fast_layout, resolve_batch_size, safe_forward, target_score,
+from ..modelutil import (autocast, fast_inference, resolve_batch_size, safe_forward, target_score,
                          upcast)
 from .base import batch_slices, generator, register_method
 
@@ -75,10 +75,11 @@ def occlusion(
         from .incremental import incremental_occlusion, plan_occlusion, run_occlusion_plan
 
         kw = {"baseline": baseline, "score": score, "batch_size": batch_size}
-        if incremental:
-            plan = plan_occlusion(model, images, window=window, stride=stride)
-            return run_occlusion_plan(plan, images, targets, **kw)
-        return incremental_occlusion(model, images, targets, window=window, stride=stride, **kw)[0]
+        with fast_inference(model, images):
+            if incremental:
+                plan = plan_occlusion(model, images, window=window, stride=stride)
+                return run_occlusion_plan(plan, images, targets, **kw)
+            return incremental_occlusion(model, images, targets, window=window, stride=stride, **kw)[0]
     dev = images.device
     rows = torch.arange(h, device=dev)
     cols = torch.arange(w, device=dev)
@@ -89,16 +90,23 @@ def occlusion(
     counts = row_masks.sum(0).float()[:, None] * col_masks.sum(0).float()[None, :]
     heat = torch.zeros(b, h, w, device=dev, dtype=torch.float32)
     jobs = b * n_win
-    with channels_last(model, fast_layout(images)) as fmt:
+    fill = torch.as_tensor(baseline, dtype=images.dtype, device=dev)
+    with fast_inference(model, images) as fmt:
+        source = fmt(images)
         clean = torch.cat([
-            target_score(model(fmt(images[sl])), targets[sl], score) for sl in batch_slices(b, batch_size)
+            target_score(model(source[sl]), targets[sl], score) for sl in batch_slices(b, batch_size)
         ])
+        buffer = fmt(torch.empty(min(batch_size, jobs), *images.shape[1:], device=dev, dtype=images.dtype))
         for sl in batch_slices(jobs, batch_size):
             job = torch.arange(sl.start, sl.stop, device=dev)
             img, win = job // n_win, job % n_win
             mask = row_masks[win // len(xs)][:, :, None] & col_masks[win % len(xs)][:, None, :]  # [n,H,W]
-            x = torch.where(mask[:, None], torch.as_tensor(baseline, dtype=images.dtype, device=dev), images[img])
-            delta = (clean[img] - target_score(model(fmt(x)), targets[img], score)).float()
+            x = buffer[: len(job)]
+            for i in img.unique().tolist():  # the jobs of one image are adjacent
+                at = (img == i).nonzero().flatten()
+                seg = slice(int(at[0]), int(at[-1]) + 1)
+                torch.where(mask[seg, None], fill, source[i : i + 1], out=x[seg])
+            delta = (clean[img] - target_score(model(x), targets[img], score)).float()
             heat.index_add_(0, img, delta[:, None, None] * mask)
     return heat / counts
 
@@ -161,13 +169,16 @@ def rise(
     heat = torch.zeros(b, h, w, device=dev, dtype=torch.float32)
     batch_size = resolve_batch_size(batch_size, model, images)
     per_chunk = max(1, batch_size // b)
-    with channels_last(model, fast_layout(images)) as fmt, autocast(images, precision):
+    with fast_inference(model, images) as fmt, autocast(images, precision):
+        source = fmt(images)
+        buffer = fmt(torch.empty(per_chunk * min(b, batch_size), *images.shape[1:], device=dev, dtype=images.dtype))
         for msl in batch_slices(n_masks, per_chunk):
             masks = rise_mask_batch(grids[msl].to(dev), shifts[msl].to(dev), h, w).to(images.dtype)  # [m,H,W]
             for isl in batch_slices(b, batch_size):
-                x = (images[None, isl] * masks[:, None, None]).flatten(0, 1)  # [m*bi,3,H,W]
-                bi = images[isl].shape[0]
-                tg = targets[isl].repeat(masks.shape[0])
-                sc = target_score(upcast(safe_forward(model, fmt(x))), tg, score).view(masks.shape[0], bi).float()
+                bi, m = images[isl].shape[0], masks.shape[0]
+                x = buffer[: m * bi]  # [m*bi,3,H,W], written in the model's memory format
+                torch.mul(source[None, isl], masks[:, None, None], out=x.view(m, bi, *images.shape[1:]))
+                tg = targets[isl].repeat(m)
+                sc = target_score(upcast(safe_forward(model, x)), tg, score).view(m, bi).float()
                 heat[isl] += torch.einsum("mb,mhw->bhw", sc, masks.float())
     return heat / (n_masks * keep_prob)

@@ -14,7 +14,9 @@ points included, so it lies in [0,1] for probabilities and equals RISE's
 
 All (image, step) jobs are scored in forward passes of ``batch_size`` images,
 built on the device; each point is scored once, and :func:`deletion_insertion`
-scores the clean image once for both curves.
+scores the clean image once for both curves and the points of both curves in
+shared batches. Float32 passes run channels_last with batch norms folded into
+their convolutions (:func:`~saliencybench.modelutil.fast_inference`).
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from torch import nn
 
 from ..errors import InvalidInputError
 from ..methods.base import batch_slices, generator
-from ..modelutil import (autocast, channels_last, fast_layout, model_guard, num_classes, resolve_batch_size,
-                         safe_forward, target_score, upcast)
+from ..modelutil import (autocast, fast_inference, model_guard, num_classes, resolve_batch_size, safe_forward,
+                         target_score, upcast)
 from ..validation import check_heatmaps, check_images, check_targets
 from .base import register_metric
 
@@ -107,31 +109,48 @@ def curve_points(n_pixels: int, step: int | None, n_steps: int | None, width: in
     return (torch.arange(n + 1) * step).clamp(max=n_pixels)
 
 
-def _score_curves(
+def _score_paths(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor, ranks: torch.Tensor, counts: torch.Tensor,
-    start: torch.Tensor, end: torch.Tensor, score: str, batch_size: int, skip: dict[int, torch.Tensor],
+    paths: list[tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]], score: str, batch_size: int,
     fmt: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
-) -> torch.Tensor:
-    """Scores Tensor[B,n+1] along the path from ``start`` (0 pixels changed) to ``end``.
+) -> list[torch.Tensor]:
+    """Scores Tensor[B,n+1] along each path ``(start, end, skip)``, all paths' points in shared batches.
 
-    At point k the ``counts[k]`` highest-ranked pixels come from ``end``, the
-    rest from ``start``. Points in ``skip`` (index -> Tensor[B] of known scores)
-    are not evaluated. ``fmt`` puts each batch in the model's memory format.
+    At point k the ``counts[k]`` highest-ranked pixels come from ``end``
+    Tensor[B,3,H,W], the rest from ``start``. Points in ``skip`` (index -> Tensor[B]
+    of known scores) are not evaluated. ``fmt`` puts a batch in the model's memory
+    format; each batch is written straight into one buffer in that format, an
+    image's points as one broadcast ``where`` (no per-point copies of the images).
     """
-    b, _, h, w = images.shape
+    b, c, h, w = images.shape
     n_pts = len(counts)
-    curves = torch.empty(b, n_pts, device=images.device, dtype=torch.float32)
-    todo = [k for k in range(n_pts) if k not in skip]
-    for k, v in skip.items():
-        curves[:, k] = v
-    jobs_k = torch.tensor(todo, dtype=torch.long).repeat_interleave(b).to(images.device)
-    jobs_b = torch.arange(b).repeat(len(todo)).to(images.device)
+    curves = [torch.empty(b, n_pts, device=images.device, dtype=torch.float32) for _ in paths]
+    jobs = []  # (path, image, point), image-major within a path so an image's points are adjacent
+    for p, (start, end, skip) in enumerate(paths):
+        for k, v in skip.items():
+            curves[p][:, k] = v
+        todo = [k for k in range(n_pts) if k not in skip]
+        jobs += [(p, i, k) for i in range(b) for k in todo]
+    if not jobs:
+        return curves
+    sources = [(fmt(start), fmt(end)) for start, end, _ in paths]
+    job_t = torch.tensor(jobs, dtype=torch.long, device=images.device)
     cnt = counts.to(images.device)
-    for sl in batch_slices(len(jobs_k), batch_size):
-        kk, bb = jobs_k[sl], jobs_b[sl]
-        changed = (ranks[bb] < cnt[kk][:, None]).view(-1, 1, h, w)
-        x = torch.where(changed, end[bb], start[bb])
-        curves[bb, kk] = target_score(upcast(safe_forward(model, fmt(x))), targets[bb], score).float()
+    buffer = fmt(torch.empty(min(batch_size, len(jobs)), c, h, w, device=images.device, dtype=images.dtype))
+    for sl in batch_slices(len(jobs), batch_size):
+        pp, ii, kk = job_t[sl].unbind(1)
+        changed = (ranks[ii] < cnt[kk][:, None]).view(-1, 1, h, w)
+        x = buffer[: len(pp)]
+        first = 0
+        for last in [*torch.nonzero((pp[1:] != pp[:-1]) | (ii[1:] != ii[:-1])).flatten().tolist(), len(pp) - 1]:
+            p, i = jobs[sl.start + first][:2]
+            start, end = sources[p]
+            torch.where(changed[first : last + 1], end[i : i + 1], start[i : i + 1], out=x[first : last + 1])
+            first = last + 1
+        scores = target_score(upcast(safe_forward(model, x)), targets[ii], score).float()
+        for p in pp.unique().tolist():
+            sel = pp == p
+            curves[p][ii[sel], kk[sel]] = scores[sel]
     return curves
 
 
@@ -167,15 +186,14 @@ def deletion_insertion(
     ranks = pixel_ranks(heatmaps, seed)
     n = len(counts) - 1
     batch_size = resolve_batch_size(batch_size, model, images)
-    with model_guard(model), torch.inference_mode(), channels_last(model, fast_layout(images)) as fmt, \
+    with model_guard(model), torch.inference_mode(), fast_inference(model, images) as fmt, \
             autocast(images, precision):
         clean = clean_scores.float().to(images.device) if clean_scores is not None else torch.cat(
             [target_score(upcast(safe_forward(model, fmt(images[sl]))), targets[sl], score).float()
              for sl in batch_slices(b, batch_size)])
-        dele = _score_curves(model, images, targets, ranks, counts, images,
-                             make_substrate(images, deletion_substrate), score, batch_size, {0: clean}, fmt)
-        ins = _score_curves(model, images, targets, ranks, counts, make_substrate(images, insertion_substrate),
-                            images, score, batch_size, {n: clean}, fmt)
+        dele, ins = _score_paths(model, images, targets, ranks, counts, [
+            (images, make_substrate(images, deletion_substrate), {0: clean}),
+            (make_substrate(images, insertion_substrate), images, {n: clean})], score, batch_size, fmt)
     return {"deletion": (_auc(dele, xs), dele, xs), "insertion": (_auc(ins, xs), ins, xs)}
 
 
@@ -192,9 +210,9 @@ def _one_curve(
     sub = make_substrate(images, substrate)
     start, end = (images, sub) if kind == "deletion" else (sub, images)
     batch_size = resolve_batch_size(batch_size, model, images)
-    with model_guard(model), torch.inference_mode(), channels_last(model, fast_layout(images)) as fmt, \
+    with model_guard(model), torch.inference_mode(), fast_inference(model, images) as fmt, \
             autocast(images, precision):
-        curves = _score_curves(model, images, targets, ranks, counts, start, end, score, batch_size, {}, fmt)
+        curves, = _score_paths(model, images, targets, ranks, counts, [(start, end, {})], score, batch_size, fmt)
     auc = _auc(curves, xs)
     return (auc, curves, xs) if return_curves else auc
 
