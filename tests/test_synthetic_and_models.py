@@ -10,7 +10,8 @@ import torch
 
 from saliencybench.benchmark.datasets import SHAPES, get_dataset, mask_box
 from saliencybench.benchmark.models import (
-    DEFAULT_ARCHS, DEFAULT_RECIPES, ModelLoadError, Recipe, default_model, load_model, read_state_dict, timm_model,
+    DEFAULT_ARCHS, DEFAULT_RECIPES, ModelLoadError, Recipe, architecture_key, default_model, load_model, read_state_dict,
+    timm_model,
 )
 from saliencybench.errors import NotApplicableError, SaliencyBenchError, UnknownNameError
 from saliencybench.modelutil import gap_linear_head
@@ -64,6 +65,31 @@ def test_default_model_trains_once_then_loads_from_cache(tmp_path, monkeypatch):
     assert 0 <= second.info["val_accuracy"] <= 1 and second.info["recipe_key"] == recipe.key()
     assert second.model.forward_features(x).shape[-1] >= 7  # CAM-family maps of at least 7x7
     assert Recipe(arch="synthetic-resnet", epochs=2).key() != recipe.key()
+
+
+def test_an_edited_architecture_does_not_load_cached_weights(tmp_path, monkeypatch):
+    """The cache key covers the architecture: with the same recipe, a changed layer (same
+    parameter shapes) or a changed width gives a new key and a fresh model, never stale weights."""
+    monkeypatch.setenv("SALIENCYBENCH_CACHE", str(tmp_path))
+    recipe = Recipe(arch="synthetic-resnet", n_train=64, n_val=32, epochs=1, batch_size=32)
+    default_model("synthetic-resnet", recipe, progress=False)
+    original = DEFAULT_ARCHS["synthetic-resnet"]
+
+    def relu6(n_classes):  # same parameter shapes, another activation
+        model = original(n_classes)
+        model.act1 = torch.nn.ReLU6()
+        return model
+
+    def wider(n_classes):
+        return timm.create_model("resnet10t", num_classes=n_classes)
+
+    keys = {architecture_key(original(3))}
+    for edited in (relu6, wider):
+        monkeypatch.setitem(DEFAULT_ARCHS, "synthetic-resnet", edited)
+        keys.add(architecture_key(edited(3)))
+        bundle = default_model("synthetic-resnet", recipe, progress=False)
+        assert architecture_key(bundle.model) in bundle.info["weights"]
+    assert len(keys) == 3 and len(list((tmp_path / "models").glob("*.safetensors"))) == 3
 
 
 def test_default_architectures_fit_the_benchmark():

@@ -255,12 +255,24 @@ def train_default_model(recipe: Recipe, progress: bool = True) -> tuple[nn.Modul
                    "recipe_key": recipe.key()}
 
 
+def architecture_key(model: nn.Module) -> str:
+    """A hash of a model's structure: its module tree with every layer's settings (``repr``)
+    and its parameter and buffer names and shapes. Any edit to a default architecture changes
+    it, so cached weights of an older architecture are never loaded into a newer one."""
+    shapes = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+    blob = json.dumps({"modules": repr(model), "state": shapes})
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
 def default_model(name: str, recipe: Recipe | None = None, retrain: bool = False, progress: bool = True) -> ModelBundle:
-    """The default model ``name``: loaded from the cache, or trained and cached first."""
+    """The default model ``name``: loaded from the cache, or trained and cached first.
+
+    The cache file is keyed by the recipe and the architecture (:func:`architecture_key`).
+    """
     recipe = recipe or DEFAULT_RECIPES[name]
-    stem = cache_dir() / f"{name}-{recipe.key()}"
-    weights, meta = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
     model = DEFAULT_ARCHS[name](len(SHAPES))
+    stem = cache_dir() / f"{name}-{recipe.key()}-{architecture_key(model)}"
+    weights, meta = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
     if weights.exists() and meta.exists() and not retrain:
         model.load_state_dict(load_file(str(weights)))
         info = json.loads(meta.read_text())
