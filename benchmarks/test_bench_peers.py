@@ -144,13 +144,14 @@ def test_deletion_vs_quantus_at_defaults(benchmark):
 HAS_INCREMENTAL = "incremental" in inspect.signature(occlusion_fn).parameters
 
 
-@pytest.mark.parametrize(("name", "b", "window", "stride", "ppes"), [
-    ("synthetic-resnet", 1, 8, 4, (1, 64)),
+@pytest.mark.parametrize(("name", "b", "window", "stride", "ppes", "with_full"), [
+    ("synthetic-resnet", 1, 8, 4, (1, 64), True),
     # 224 px, the incremental-occlusion setting; Captum's default perturbations_per_eval=1
-    # (730 single-image passes, about a minute per round here) is timed at 64 px only.
-    ("resnet18", 1, 16, 8, (64,)),
+    # (730 single-image passes, about a minute per round here) is timed at 64 px only, and our
+    # full-forward occlusion at this setting in test_bench_occlusion.py.
+    ("resnet18", 1, 16, 8, (64,), False),
 ])
-def test_occlusion_vs_captum(benchmark, name, b, window, stride, ppes):
+def test_occlusion_vs_captum(benchmark, name, b, window, stride, ppes, with_full):
     model = bench_model(name)
     x, t, _ = bench_inputs(name, b)
     kw = {"window": window, "stride": stride}
@@ -182,11 +183,12 @@ def test_occlusion_vs_captum(benchmark, name, b, window, stride, ppes):
     ref = captum(64)()[:, 0]  # float32, the timed setting: reported (Captum repeats the map over channels)
     warm, heat = timed(ours)
     err_default = close(heat, ref, 1e-3)
-    err_full = close(ours_full(), ref, 1e-3) if HAS_INCREMENTAL else None
+    with_full = with_full and HAS_INCREMENTAL
+    err_full = close(ours_full(), ref, 1e-3) if with_full else None
     side = SideBySide()
     for ppe in ppes:
         side.add(f"captum_ppe{ppe}", captum(ppe))
-    if HAS_INCREMENTAL:
+    if with_full:
         side.add("ours_incremental_false", ours_full)
     benchmark.pedantic(synced(ours), setup=side.round, rounds=rounds_for(warm), iterations=1)
     n_win = ((x.shape[-1] - window + stride - 1) // stride + 1) ** 2
@@ -195,13 +197,13 @@ def test_occlusion_vs_captum(benchmark, name, b, window, stride, ppes):
     label = "ours (default call)" if HAS_INCREMENTAL else "ours (no incremental= parameter yet)"
     note = f"{n_win} windows/img = {b * n_win} occluded forwards + {b} clean"
     if HAS_INCREMENTAL:
-        note += (f"; float32 max error vs Captum (of its max): default call {err_default:.1e}, "
-                 f"incremental=False {err_full:.1e}" + (" (float64: <= 1e-5, asserted)" if x.shape[-1] <= 64
-                                                       else ""))
+        note += (f"; float32 max error vs Captum (of its max): default call {err_default:.1e}"
+                 + (f", incremental=False {err_full:.1e}" if with_full else "")
+                 + (" (float64: <= 1e-5, asserted)" if x.shape[-1] <= 64 else ""))
     captum_label = {1: "Captum Occlusion, perturbations_per_eval=1 (default)",
                     64: "Captum Occlusion, perturbations_per_eval=64"}
     sides = [(label, ours_s)] + ([("ours (incremental=False)", side.best("ours_incremental_false"))]
-                                 if HAS_INCREMENTAL else [])
+                                 if with_full else [])
     rows = [row(measure, 5, s, captum_label[ppe], side.best(f"captum_ppe{ppe}"), "vs_captum_occlusion", note,
                 ours_label=who) for who, s in sides for ppe in ppes]
     record(benchmark, rows, profile=lambda: stage_profile(ours, model, title=measure), model=name,

@@ -1,6 +1,6 @@
 """Run the speed benchmarks (issue 4) and write BENCHMARKS.md at the repository root.
 
-Rerun everything, from the repository root (about 10 minutes on 2 CPU cores)::
+Rerun everything, from the repository root (about 20 minutes on 2 CPU cores)::
 
     .venv/bin/python benchmarks/write_benchmarks_md.py
 
@@ -233,7 +233,10 @@ def write(data: dict, fails: list[tuple[str, str, str]], out: Path, suite_s: flo
         "`torch.inference_mode()`, batch 64; the best plain limit is the fastest plain way to run them",
         "(channels_last eager, or torch.compile where compile time pays off on that work; compiled steady state",
         "and compile time are listed apart). Ratio: ours/reference (lower is better) unless marked `faster`",
-        "(reference/ours). Targets are named per device.", "",
+        "(reference/ours). Targets are named per device. Ours runs its float32 forward passes channels_last",
+        "with eval-mode batch norms folded into the convolutions before them (`modelutil.fast_inference`: found",
+        "and checked on one probe image, outputs equal to about 1e-6 relative); the limits run the model as it",
+        "is. Folding is the part of torch.compile's gain that needs no compiling.", "",
         "## Machine and versions", "", *machine(data), f"- versions: {versions()}", f"- date: {now}",
         f"- settings: {settings(data)}", "",
         "## Results", "",
