@@ -56,8 +56,9 @@ def test_narrow_resnet18_equals_full(narrow18, h, w, window, stride, baseline):
         ours, note = inc.incremental_occlusion(narrow18, x, t, batch_size=32, **kw)
     full = sb.explain(narrow18, x, t, "occlusion", incremental=False, **kw)
     assert note.startswith("incremental:"), note
-    if h == 160:
-        assert "... layer2.0)" in note  # crops up to the strided block with a downsampling shortcut
+    if h == 160:  # the strided block with a downsampling shortcut runs on crops
+        plan = inc.plan_occlusion(narrow18, x, window=window, stride=stride)
+        assert "layer2.0" in [s.name for s, c in zip(plan.stages, plan.cropped) if c], plan.note
     assert rel_err(ours, full) < 1e-4
 
 
@@ -231,3 +232,138 @@ def test_plan_axis_crops_are_aligned_and_exact():
         ax = inc.plan_axis(geo, n_in, n_out, starts, [min(s + window, n_in) for s in starts])
         assert ax.size <= n_in and (ax.start % geo.stride == 0).all()
         assert ((ax.start >= 0) & (ax.start + ax.size <= n_in)).all()
+
+
+def test_basic_blocks_open_into_their_two_convolutions(narrow18):
+    x = images(64, 64)
+    with torch.no_grad():
+        stages, _ = inc.split_stages(narrow18, x)
+        parts = inc.open_blocks(stages, x)
+        names = [s.name for s in parts]
+        assert names[1:5] == ["layer1.0.conv1", "layer1.0", "layer1.1.conv1", "layer1.1"]
+        geo = {s.name: s.geometry for s in parts}
+        assert geo["layer2.0.conv1"] == (inc.AxisGeometry(3, 2, 1),) * 2  # 3x3/2, or the 1x1/2 shortcut
+        assert geo["layer2.0"] == (inc.AxisGeometry(3, 1, 1),) * 2  # 3x3, or the shortcut carried along
+        y = x
+        for s in parts:
+            y = s(y)
+        assert torch.allclose(y, narrow18.forward_features(x), rtol=1e-12, atol=1e-12)
+
+
+def test_window_groups_with_their_own_crops_equal_full(narrow18):
+    # Windows near a border change less of the deep maps: buckets of rows x columns get
+    # their own crop sizes (and full stages); two images run through every group.
+    x = images(96, 64, b=2)
+    t = torch.tensor([3, 8])
+    with torch.no_grad():
+        plan = inc.plan_occlusion(narrow18, x, window=20, stride=6)
+        ours = inc.run_occlusion_plan(plan, x, t, baseline=0.1, batch_size=16)
+        full = occlusion(narrow18, x, t, window=20, stride=6, baseline=0.1, incremental=False)
+    assert len(plan.groups) > 1 and "groups of windows" in plan.note, plan.note
+    assert len({tuple(ax[0].size for ax in g.axes if ax) for g in plan.groups}) > 1
+    assert sorted((int(i), int(j)) for g in plan.groups for i in g.iy for j in g.ix) == [
+        (i, j) for i in range(len(plan.windows[0][0])) for j in range(len(plan.windows[1][0]))]
+    assert rel_err(ours, full) < 1e-4
+
+
+class WideThenPointwise(nn.Module):
+    """A timm-style model whose 13x13 convolution's crops cost the whole map, followed by
+    1x1 convolutions whose crops are small again."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.wide = nn.Conv2d(8, 8, 13, padding=6)
+        self.act = nn.ReLU()
+        self.pw1 = nn.Conv2d(8, 16, 1)
+        self.pw2 = nn.Conv2d(16, 16, 1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pw2(self.pw1(self.act(self.wide(self.stem(x)))))
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.mean((2, 3)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def test_stages_after_a_full_stage_run_on_crops_again():
+    torch.manual_seed(0)
+    model = WideThenPointwise().double().eval()
+    x = images(32, 32)
+    t = torch.tensor([2])
+    with torch.no_grad():
+        plan = inc.plan_occlusion(model, x, window=4, stride=4)
+        ours = inc.run_occlusion_plan(plan, x, t, batch_size=32)
+        full = occlusion(model, x, t, window=4, stride=4, incremental=False)
+    names = [s.name for s in plan.stages]
+    assert names == ["stem", "wide+act", "pw1", "pw2"], names
+    assert any(g.cropped == [True, False, True, True] for g in plan.groups), [g.cropped for g in plan.groups]
+    assert rel_err(ours, full) < 1e-4
+
+
+def test_norms_swapped_for_identity_during_the_run(narrow18):
+    # A context may fold batch norms into the convolutions and swap the norm modules for
+    # nn.Identity while occlusion runs: opened blocks look their submodules up at each call.
+    import copy
+
+    model = copy.deepcopy(narrow18)
+    x = images(64, 48)
+    t = torch.tensor([4])
+    with torch.no_grad():
+        plan = inc.plan_occlusion(model, x, window=12, stride=6)
+        for block in [*model.layer1, *model.layer2, *model.layer3, *model.layer4]:
+            block.bn1, block.bn2 = nn.Identity(), nn.Identity()
+        ours = inc.run_occlusion_plan(plan, x, t, batch_size=32)
+        full = occlusion(model, x, t, window=12, stride=6, incremental=False)
+        again, note = inc.incremental_occlusion(model, x, t, window=12, stride=6)
+    assert note.startswith("incremental:"), note
+    assert rel_err(ours, full) < 1e-4 and rel_err(again, full) < 1e-4
+
+
+def test_group_with_its_first_stage_in_full_equals_full(narrow18):
+    # A group may run its first stage in full and later ones on crops: the input image is
+    # assembled (occluded) in full, and the full output's changed region patches the crops.
+    x = images(64, 64)
+    t = torch.tensor([1])
+    with torch.no_grad():
+        plan = inc.plan_occlusion(narrow18, x, window=16, stride=8)
+        g = plan.groups[0]
+        assert g.cropped[:2] == [True, True]
+        g.cropped[0], g.stage_macs[0] = False, plan.stages[0].macs
+        ours = inc.run_occlusion_plan(plan, x, t)
+        full = occlusion(narrow18, x, t, window=16, stride=8, incremental=False)
+    assert rel_err(ours, full) < 1e-4
+
+
+def test_float32_runs_with_folded_norms_and_equals_full(monkeypatch):
+    # float32 plans and runs with the batch norms folded into the convolutions (both ways,
+    # incremental and full); the heatmap still equals a float64 full computation.
+    import copy
+    from contextlib import contextmanager
+
+    from saliencybench import modelutil
+
+    folded: list[int] = []
+    real = modelutil.folded_batchnorm
+
+    @contextmanager
+    def spy(model, probe):
+        with real(model, probe) as n:
+            folded.append(n)
+            yield n
+
+    monkeypatch.setattr(modelutil, "folded_batchnorm", spy)
+    model = narrow("resnet18", dtype=torch.float32)
+    x = images(64, 64, dtype=torch.float32)
+    t = torch.tensor([5])
+    with torch.no_grad():
+        ours, note = inc.incremental_occlusion(model, x, t, window=16, stride=8)
+        ref = occlusion(copy.deepcopy(model).double(), x.double(), t, window=16, stride=8, incremental=False)
+    assert note.startswith("incremental:"), note
+    norms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert folded and folded[0] == norms, (folded, norms)  # every norm of a ResNet follows a convolution
+    assert rel_err(ours, ref.float()) < 1e-4
+    assert all(isinstance(m, nn.BatchNorm2d) for m in [model.bn1, model.layer1[0].bn1])  # restored

@@ -75,11 +75,11 @@ def occlusion(
         from .incremental import incremental_occlusion, plan_occlusion, run_occlusion_plan
 
         kw = {"baseline": baseline, "score": score, "batch_size": batch_size}
-        with fast_inference(model, images):
-            if incremental:
+        if incremental:
+            with fast_inference(model, images):  # planned and run with the norms folded
                 plan = plan_occlusion(model, images, window=window, stride=stride)
                 return run_occlusion_plan(plan, images, targets, **kw)
-            return incremental_occlusion(model, images, targets, window=window, stride=stride, **kw)[0]
+        return incremental_occlusion(model, images, targets, window=window, stride=stride, **kw)[0]
     dev = images.device
     rows = torch.arange(h, device=dev)
     cols = torch.arange(w, device=dev)
