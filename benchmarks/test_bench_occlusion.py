@@ -90,6 +90,11 @@ def test_incremental_occlusion_vs_full(benchmark):
         "ideal_flop_ratio": profile["ideal_flop_ratio"], "note": note, "profile": profile["stages"],
         "profile_speedup": profile["speedup"], "profile_ms_full": profile["ms_full"],
         "profile_ms_incremental": profile["ms_incremental"],
+        "bound": (f"an exact plan needs at least {profile['ideal_flop_ratio']:.0%} of the convolution work of full "
+                  f"forwards (every convolution computing exactly the region a window changes): "
+                  f"{1 / profile['ideal_flop_ratio']:.1f}x at equal speed per multiply-add; "
+                  + "; ".join(f"{e['stage']} changes {e['changed']:.0%} of its map" for e in profile["stages"]
+                              if str(e["stage"]).startswith("layer4"))),
     })
     print(f"\nocclusion resnet18 {SIZE}px window {WINDOW} stride {STRIDE}, {IMAGES} image(s), batch {BATCH}, "
           f"best of {ROUNDS} interleaved rounds: full {t_full:.2f}s (NCHW {t_nchw:.2f}s), incremental {t_inc:.2f}s: "

@@ -273,8 +273,9 @@ def write(data: dict, fails: list[tuple[str, str, str]], out: Path, suite_s: flo
         numbers = ", ".join(f"{k} {v:.3g}" for k, v in info.items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool))
         occ_sections += [f"`{b['name']}`: {numbers}", ""]
-        if isinstance(info.get("note"), str):
-            occ_sections += [info["note"], ""]
+        for key in ("note", "bound"):
+            if isinstance(info.get(key), str):
+                occ_sections += [info[key], ""]
         for k, v in profiles.items():
             occ_sections += [f"{k}:", "", "```", table_text(v).rstrip(), "```", ""]
     if occ_sections:
