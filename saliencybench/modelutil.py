@@ -8,6 +8,7 @@ when an exception is raised midway.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .errors import InvalidInputError, NotApplicableError, UnknownNameError
 
@@ -103,28 +105,53 @@ def _norm_remainder(bn: nn.Module) -> nn.Module | None:
     return None
 
 
-def conv_batchnorm_pairs(model: nn.Module, probe: torch.Tensor) -> tuple[list[tuple[nn.Conv2d, nn.Module]], object]:
-    """The (convolution, batch norm) pairs where the norm reads the convolution's output
-    directly, found on one forward pass of ``probe`` Tensor[1,3,H,W]: ``(pairs, output)``.
+# Tensor operations that only read metadata: not a use of the tensor's values.
+_METADATA_QUERIES = frozenset({"size", "dim", "__get__", "__len__", "numel", "nelement", "ndimension", "stride",
+                               "is_contiguous", "data_ptr", "element_size", "is_floating_point", "get_device",
+                               "storage_offset", "_assert", "__hash__", "__format__"})
 
-    A convolution or norm called more than once (shared modules) is left out.
+
+class _ValueUses(TorchFunctionMode):
+    """Counts, per tensor id, the torch operations that read the tensor's values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.uses: dict[int, int] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 (torch's protocol)
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") not in _METADATA_QUERIES:
+            for t in iter_tensors([args, kwargs]):
+                self.uses[id(t)] = self.uses.get(id(t), 0) + 1
+        return func(*args, **kwargs)
+
+
+def conv_batchnorm_pairs(model: nn.Module, probe: torch.Tensor) -> tuple[list[tuple[nn.Conv2d, nn.Module]], object]:
+    """The (convolution, batch norm) pairs where the norm alone reads the convolution's output,
+    found on one forward pass of ``probe`` Tensor[1,3,H,W]: ``(pairs, output)``.
+
+    A convolution whose output anything else reads too (a residual sum, an in-place
+    activation before the norm), and a convolution or norm called more than once (shared
+    modules), is left out: folding would change those other uses.
     """
     produced: dict[int, tuple[torch.Tensor, nn.Conv2d]] = {}  # the tensors are kept alive: ids stay unique
     calls: dict[int, int] = {}
-    pairs: dict[int, tuple[nn.Conv2d, nn.Module]] = {}
+    pairs: dict[int, tuple[nn.Conv2d, nn.Module, torch.Tensor]] = {}
     handles = []
+    counter = _ValueUses()
 
     def conv_hook(m: nn.Module, _inp: object, out: object) -> None:
         calls[id(m)] = calls.get(id(m), 0) + 1
         if isinstance(out, torch.Tensor):
             produced[id(out)] = (out, m)  # type: ignore[assignment]
+            counter.uses[id(out)] = 0  # uses of an earlier, freed tensor with the same id do not count
 
     def bn_hook(m: nn.Module, inp: tuple[object, ...]) -> None:
         calls[id(m)] = calls.get(id(m), 0) + 1
         x = inp[0] if inp else None
         out, conv = produced.get(id(x), (None, None))
         if conv is not None and out is x and getattr(conv, "out_channels", None) == getattr(m, "num_features", 0):
-            pairs[id(m)] = (conv, m)
+            pairs[id(m)] = (conv, m, out)
 
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
@@ -132,13 +159,14 @@ def conv_batchnorm_pairs(model: nn.Module, probe: torch.Tensor) -> tuple[list[tu
         elif isinstance(m, nn.BatchNorm2d):
             handles.append(m.register_forward_pre_hook(bn_hook))
     try:
-        out = model(probe)
+        with counter:
+            out = model(probe)
     finally:
         for h in handles:
             h.remove()
-    convs = [conv for conv, _ in pairs.values()]
-    keep = [(c, bn) for c, bn in pairs.values()
-            if calls[id(c)] == 1 and calls[id(bn)] == 1 and convs.count(c) == 1]
+    convs = [conv for conv, _, _ in pairs.values()]
+    keep = [(c, bn) for c, bn, y in pairs.values()
+            if calls[id(c)] == 1 and calls[id(bn)] == 1 and convs.count(c) == 1 and counter.uses.get(id(y)) == 1]
     return keep, out
 
 
@@ -155,6 +183,11 @@ def _outputs_close(a: object, b: object, rtol: float = 1e-4) -> bool:
     return True
 
 
+# model -> {(structure, input shape, dtype, device): [(conv name, norm name)]}: the pairs found
+# and checked on the first call, so that later calls on the same model need no probe passes.
+_FOLDABLE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, list[tuple[str, str]]]] = weakref.WeakKeyDictionary()
+
+
 @contextmanager
 def folded_batchnorm(model: nn.Module, probe: torch.Tensor) -> Iterator[int]:
     """Run a block with eval-mode batch norms folded into the convolutions that feed them.
@@ -163,14 +196,24 @@ def folded_batchnorm(model: nn.Module, probe: torch.Tensor) -> Iterator[int]:
     convolution becomes part of that convolution's weight and bias, and the norm is
     swapped for ``nn.Identity`` (timm's ``BatchNormAct2d``: for its drop and act), so
     inference skips one pass over every feature map; this is what compilers do.
-    The pairs come from one forward pass of ``probe`` Tensor[1,3,H,W], and the folded
-    model must reproduce that pass to 1e-4 of its largest output, else nothing is
-    folded. Yields the number of norms folded. Weights, biases and modules are
+    The pairs come from one forward pass of ``probe`` Tensor[1,3,H,W] (a norm is folded
+    only if nothing else reads its convolution's output), and the folded model must
+    reproduce that pass to 1e-4 of its largest output, else nothing is folded. The
+    pairs are remembered per model, module structure and input shape, so later calls
+    run no probe. Yields the number of norms folded. Weights, biases and modules are
     restored on exit, also after an exception. Only for inference: not for
     gradients with respect to intermediate layers.
     """
-    with torch.inference_mode():
-        pairs, reference = conv_batchnorm_pairs(model, probe)
+    key = (hash(tuple((name, id(m), type(m)) for name, m in model.named_modules())), tuple(probe.shape[1:]),
+           probe.dtype, probe.device.type)
+    known = _FOLDABLE.setdefault(model, {}).get(key)
+    if known is None:
+        with torch.inference_mode():
+            pairs, reference = conv_batchnorm_pairs(model, probe)
+    else:
+        modules = dict(model.named_modules())
+        pairs, reference = [(modules[c], modules[b]) for c, b in known], None
+    names = {id(m): name for name, m in model.named_modules()}
     parents = {id(m): (parent, name) for parent in model.modules() for name, m in parent.named_children()}
     seen: dict[int, int] = {}
     for m in model.modules(remove_duplicate=False):
@@ -215,11 +258,13 @@ def folded_batchnorm(model: nn.Module, probe: torch.Tensor) -> Iterator[int]:
             setattr(parent, name, remainder)
             undo.append(lambda p=parent, n=name, m=bn: setattr(p, n, m))
             folded_count += 1
-        if folded_count:
-            with torch.inference_mode():
-                if not _outputs_close(model(probe), reference):
-                    restore()
-                    folded_count = 0
+        if known is None:
+            if folded_count:
+                with torch.inference_mode():
+                    if not _outputs_close(model(probe), reference):
+                        restore()
+                        folded_count, pairs = 0, []
+            _FOLDABLE[model][key] = [(names[id(c)], names[id(b)]) for c, b in pairs]
         yield folded_count
     finally:
         restore()

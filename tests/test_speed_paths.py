@@ -76,23 +76,27 @@ class _ConvUsedTwice(torch.nn.Module):
 
     num_classes = 4
 
-    def __init__(self) -> None:
+    def __init__(self, identity_norm: bool = False) -> None:
         super().__init__()
         self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
         self.bn = torch.nn.BatchNorm2d(3)
         self.head = torch.nn.Linear(3, 4)
-        with torch.no_grad():
-            self.bn.running_mean.uniform_(-1, 1)
-            self.bn.running_var.uniform_(0.2, 2)
+        if not identity_norm:
+            with torch.no_grad():
+                self.bn.running_mean.uniform_(-1, 1)
+                self.bn.running_var.uniform_(0.2, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
         return self.head((self.bn(y) + y).mean((2, 3)))
 
 
-def test_folding_that_would_change_the_output_is_refused():
+@pytest.mark.parametrize("identity_norm", [False, True])
+def test_folding_that_would_change_the_output_is_refused(identity_norm):
+    # With fresh norm statistics folding changes the numbers by ~1e-6 only, so the output
+    # check alone would pass; the convolution's second reader is found in the trace.
     torch.manual_seed(0)
-    model = _ConvUsedTwice().eval()
+    model = _ConvUsedTwice(identity_norm).eval()
     x = make_images(dtype=torch.float32)
     with torch.inference_mode():
         ref = model(x)
@@ -102,6 +106,27 @@ def test_folding_that_would_change_the_output_is_refused():
         with fast_inference(model, x) as fmt:
             fast = model(fmt(x))
     assert torch.equal(out, ref) and torch.allclose(fast, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_folding_pairs_are_found_once_per_model_structure_and_input_shape():
+    model = make_model("resnet18", dtype=torch.float32)
+    x = make_images(dtype=torch.float32)
+    probes: list[int] = []
+    handle = model.register_forward_pre_hook(lambda _m, inp: probes.append(inp[0].shape[0]))
+    with torch.inference_mode():
+        for _ in range(3):
+            with folded_batchnorm(model, x[:1]) as n:
+                assert n == 20
+        assert probes == [1, 1]  # finding and checking the pairs, on the first call only
+        with folded_batchnorm(model, make_images(size=48, dtype=torch.float32)[:1]) as n:
+            assert n == 20 and probes == [1, 1, 1, 1]  # another input shape is checked again
+        model.layer1[0].bn2 = torch.nn.BatchNorm2d(64).eval()  # another structure: found again
+        with folded_batchnorm(model, x[:1]) as n:
+            out = model(x)
+        assert n == 20 and len(probes) == 7
+        assert isinstance(model.layer1[0].bn2, torch.nn.BatchNorm2d)
+        assert torch.allclose(out, model(x), rtol=1e-4, atol=1e-5 * float(out.abs().max()))
+    handle.remove()
 
 
 def test_models_in_training_mode_are_not_folded():
