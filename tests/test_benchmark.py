@@ -63,6 +63,8 @@ def test_run_resume_identical_rows(tmp_path, checkpoint):
     assert "torch" in json.loads(a.versions.iloc[0])
     cam = a[(a.method == "cam") & (a.metric == "deletion")]
     assert cam.value.notna().all()  # resnet10t is GAP + linear: CAM applies
+    occ = a[(a.method == "occlusion") & (a.metric == "deletion")]  # the path occlusion took, on its rows
+    assert len(occ) and occ.note.str.startswith("full forward passes: incremental occlusion is tried from").all()
     with pytest.raises(Exception, match="different config"):
         run(tiny_config(tmp_path, checkpoint, seed=1), resume=part.path, progress=False)
 

@@ -367,3 +367,20 @@ def test_float32_runs_with_folded_norms_and_equals_full(monkeypatch):
     assert folded and folded[0] == norms, (folded, norms)  # every norm of a ResNet follows a convolution
     assert rel_err(ours, ref.float()) < 1e-4
     assert all(isinstance(m, nn.BatchNorm2d) for m in [model.bn1, model.layer1[0].bn1])  # restored
+
+
+def test_default_path_and_its_note():
+    # incremental=None: full forward passes below AUTO_MIN_PIXELS; above, the plan is taken
+    # when it needs at most AUTO_MAX_FLOP_RATIO of the convolution work. The path is noted.
+    from saliencybench.methods import perturbation
+    from saliencybench.methods.base import collect_notes
+
+    model = make_model("resnet18", dtype=torch.float32)
+    t = torch.tensor([2])
+    for size, expected in ((64, "full forward passes: incremental occlusion is tried from"), (160, "incremental:")):
+        x = images(size, size, dtype=torch.float32)
+        with collect_notes() as notes:
+            heat = sb.explain(model, x, t, "occlusion", window=16, stride=8)
+        assert len(notes) == 1 and notes[0].startswith(expected), notes
+        assert rel_err(heat, sb.explain(model, x, t, "occlusion", window=16, stride=8, incremental=False)) < 1e-4
+    assert perturbation.AUTO_MIN_PIXELS > 64 * 64

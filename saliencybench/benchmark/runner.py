@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import InvalidInputError, NotApplicableError, SaliencyBenchError
-from ..methods.base import explain, get_method, upsample
+from ..methods.base import collect_notes, explain, get_method, upsample
 from ..methods.shared import SharedPasses, pass_requests
 from ..metrics.base import get_metric
 from ..metrics.localisation import box_iou
@@ -205,10 +205,11 @@ def _explain_rows(task: Task, ctx: TaskContext, bundle: ModelBundle,
     applicable = spec.check(bundle.model)
     note = "" if applicable.applicable else f"not applicable: {applicable.reason}"
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), collect_notes() as method_notes:
             warnings.simplefilter("ignore")
             heat = explain(bundle.model, x, t, task.method, shared=ctx.shared_passes(task.model, indices, x, t),
                            **mparams)
+        note = "; ".join(n for n in (note, *method_notes) if n)
     except NotApplicableError as e:
         for metric in cfg.metrics:
             if metric != "sanity_randomization":

@@ -8,7 +8,9 @@ each call with the input checks and :func:`~saliencybench.modelutil.model_guard`
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +24,27 @@ from ..registry import Registry, keyword_defaults
 from ..validation import check_images, check_targets
 
 MethodFn = Callable[..., torch.Tensor]
+
+_NOTES: ContextVar[list[str] | None] = ContextVar("saliencybench_method_notes", default=None)
+
+
+@contextmanager
+def collect_notes() -> Iterator[list[str]]:
+    """Collect, in the yielded list, the notes methods leave inside the block about how they
+    computed their heatmaps (occlusion: incremental or full forward passes, and why)."""
+    notes: list[str] = []
+    token = _NOTES.set(notes)
+    try:
+        yield notes
+    finally:
+        _NOTES.reset(token)
+
+
+def add_note(text: str) -> None:
+    """Leave a note for an enclosing :func:`collect_notes` (none: ignored)."""
+    notes = _NOTES.get()
+    if notes is not None and text not in notes:
+        notes.append(text)
 
 
 @dataclass(frozen=True)

@@ -1040,13 +1040,14 @@ def run_occlusion_plan(plan: OcclusionPlan, images: torch.Tensor, targets: torch
 
 def incremental_occlusion(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *,
                           window: int | None = None, stride: int | None = None, baseline: float = 0.0,
-                          score: str = "logit", batch_size: int = 64) -> tuple[torch.Tensor, str]:
+                          score: str = "logit", batch_size: int = 64,
+                          max_flop_ratio: float = PLAN_COST_LIMIT) -> tuple[torch.Tensor, str]:
     """Occlusion heatmaps Tensor[B,H,W] computed incrementally where possible, and a note.
 
     The same numbers as :func:`~.perturbation.occlusion` (up to rounding). Falls back
     to full forward passes, saying why in the note, when the model cannot be split
-    into local stages, when the plan saves under ``1 - PLAN_COST_LIMIT`` of the
-    convolution work, or when there are fewer than ``MIN_JOBS`` occluded images.
+    into local stages, when the plan needs more than ``max_flop_ratio`` of the
+    convolution work of full forward passes, or when there are fewer than ``MIN_JOBS`` occluded images.
     ``model`` must be in eval mode (as :func:`~.base.explain` puts it).
     """
     b, _, h, w = images.shape
@@ -1064,7 +1065,7 @@ def incremental_occlusion(model: nn.Module, images: torch.Tensor, targets: torch
     # Planned and run with the norms folded (the plan holds the modules it traced).
     with fast_inference(model, images):
         try:
-            plan = plan_occlusion(model, images, window=window, stride=stride, max_flop_ratio=PLAN_COST_LIMIT)
+            plan = plan_occlusion(model, images, window=window, stride=stride, max_flop_ratio=max_flop_ratio)
         except NotApplicableError as err:
             return full(str(err))
         return run_occlusion_plan(plan, images, targets, baseline=baseline, score=score,
