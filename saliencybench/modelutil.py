@@ -105,10 +105,10 @@ def _norm_remainder(bn: nn.Module) -> nn.Module | None:
     return None
 
 
-# Tensor operations that only read metadata: not a use of the tensor's values.
-_METADATA_QUERIES = frozenset({"size", "dim", "__get__", "__len__", "numel", "nelement", "ndimension", "stride",
-                               "is_contiguous", "data_ptr", "element_size", "is_floating_point", "get_device",
-                               "storage_offset", "_assert", "__hash__", "__format__"})
+# Tensor operations (``__torch_function__`` names) that only read a tensor's metadata, never its values.
+METADATA_QUERIES = frozenset({"size", "dim", "__get__", "__len__", "numel", "nelement", "ndimension", "stride",
+                              "is_contiguous", "data_ptr", "element_size", "is_floating_point", "is_complex",
+                              "get_device", "storage_offset", "_assert", "__hash__"})
 
 
 class _ValueUses(TorchFunctionMode):
@@ -120,7 +120,7 @@ class _ValueUses(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 (torch's protocol)
         kwargs = kwargs or {}
-        if getattr(func, "__name__", "") not in _METADATA_QUERIES:
+        if getattr(func, "__name__", "") not in METADATA_QUERIES:
             for t in iter_tensors([args, kwargs]):
                 self.uses[id(t)] = self.uses.get(id(t), 0) + 1
         return func(*args, **kwargs)

@@ -74,8 +74,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import InvalidInputError, NotApplicableError
-from ..modelutil import (channels_last, fast_inference, fast_layout, has_feature_head_split, int_pair, iter_tensors,
-                         target_score)
+from ..modelutil import (METADATA_QUERIES, channels_last, fast_inference, fast_layout, has_feature_head_split,
+                         int_pair, iter_tensors, target_score)
 from .base import batch_slices
 from .perturbation import default_occlusion_window, occlusion, window_starts
 
@@ -116,10 +116,6 @@ _POINTWISE = frozenset({
 _DROPOUTS = frozenset({"dropout", "dropout2d", "feature_dropout", "alpha_dropout"})
 _REDUCTIONS = frozenset({"mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp",
                          "adaptive_avg_pool2d", "adaptive_max_pool2d", "adaptive_max_pool2d_with_indices"})
-# Operations that only read a tensor's metadata, never its values.
-_QUERIES = frozenset({"size", "dim", "__get__", "__len__", "numel", "nelement", "ndimension", "stride",
-                      "is_contiguous", "data_ptr", "element_size", "is_floating_point", "is_complex",
-                      "get_device", "storage_offset", "_assert", "__hash__"})
 
 
 @dataclass(frozen=True)
@@ -235,7 +231,7 @@ class _LocalityTracer(TorchFunctionMode):
         if not outs:
             if name == "__setitem__":
                 self.set(args[0], "it writes into a feature map in place (__setitem__)")
-            elif name not in _QUERIES:
+            elif name not in METADATA_QUERIES:
                 self.failure = (f"it reads feature-map values into Python ({name!r}), so its control flow "
                                 "may depend on them")
             return
