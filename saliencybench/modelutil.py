@@ -215,8 +215,8 @@ def folded_batchnorm(model: nn.Module, probe: torch.Tensor) -> Iterator[int]:
         pairs, reference = [(modules[c], modules[b]) for c, b in known], None
     names = {id(m): name for name, m in model.named_modules()}
     parents = {id(m): (parent, name) for parent in model.modules() for name, m in parent.named_children()}
-    seen: dict[int, int] = {}
-    for m in model.modules(remove_duplicate=False):
+    seen: dict[int, int] = {}  # modules and parameters by how many places hold them (tied weights)
+    for m in [*model.modules(remove_duplicate=False), *(p for _, p in model.named_parameters(remove_duplicate=False))]:
         seen[id(m)] = seen.get(id(m), 0) + 1
     undo: list[Callable[[], None]] = []
     folded_count = 0
@@ -229,7 +229,8 @@ def folded_batchnorm(model: nn.Module, probe: torch.Tensor) -> Iterator[int]:
     try:
         for conv, bn in pairs:
             remainder = _norm_remainder(bn)
-            if remainder is None or seen.get(id(bn), 0) != 1 or id(bn) not in parents:
+            if remainder is None or seen.get(id(bn), 0) != 1 or id(bn) not in parents or any(
+                    p is not None and seen.get(id(p), 0) != 1 for p in (conv.weight, conv.bias)):
                 continue
             parent, name = parents[id(bn)]
             with torch.inference_mode(False), torch.no_grad():

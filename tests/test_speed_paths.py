@@ -129,6 +129,24 @@ def test_folding_pairs_are_found_once_per_model_structure_and_input_shape():
     handle.remove()
 
 
+def test_a_convolution_with_tied_weights_is_not_folded():
+    # Two convolutions sharing one weight: folding the norm after one would change the other.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.BatchNorm2d(3), torch.nn.ReLU(),
+                                torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.BatchNorm2d(3)).eval()
+    model[3].weight = model[0].weight
+    with torch.no_grad():
+        for bn in (model[1], model[4]):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.2, 2)
+    x = make_images(dtype=torch.float32)
+    with torch.inference_mode():
+        ref = model(x)
+        with folded_batchnorm(model, x[:1]) as n:
+            out = model(x)
+    assert n == 0 and torch.equal(out, ref)
+
+
 def test_models_in_training_mode_are_not_folded():
     model = make_model("resnet18", dtype=torch.float32).train()
     x = make_images(dtype=torch.float32)
