@@ -282,8 +282,9 @@ class SideBySide:
 
 
 def rounds_for(seconds: float, cheap: float = 1.0) -> int:
-    """Rounds for a call that took ``seconds`` once (warm): 5 when cheap, 3, or 2 when slow."""
-    return 5 if seconds < cheap else 3 if seconds < 3 * cheap else 2
+    """Rounds for a call that took ``seconds`` once (warm): 15 under a tenth of ``cheap`` (calls
+    of tens of milliseconds vary most with the machine's load), 5 when cheap, 3, or 2 when slow."""
+    return 15 if seconds < cheap / 10 else 5 if seconds < cheap else 3 if seconds < 3 * cheap else 2
 
 
 def batch_sizes(forwards: int, batch: int = PLAIN_BATCH) -> list[int]:
