@@ -28,6 +28,16 @@ def narrow(name: str, dtype: torch.dtype = torch.float64) -> nn.Module:
     return make_model(name, dtype=dtype, channels=(8, 16, 32, 64), stem_width=8)
 
 
+def planned_and_full(model: nn.Module, x: torch.Tensor, t: torch.Tensor, window: int, stride: int,
+                     batch_size: int, baseline: float = 0.0) -> tuple[inc.OcclusionPlan, torch.Tensor, torch.Tensor]:
+    """(plan, its heatmaps, full occlusion's heatmaps) for the same windows, under no_grad."""
+    with torch.no_grad():
+        plan = inc.plan_occlusion(model, x, window=window, stride=stride)
+        ours = inc.run_occlusion_plan(plan, x, t, baseline=baseline, batch_size=batch_size)
+        full = occlusion(model, x, t, window=window, stride=stride, baseline=baseline, incremental=False)
+    return plan, ours, full
+
+
 @pytest.fixture(scope="module")
 def narrow18() -> nn.Module:
     return narrow("resnet18")
@@ -87,10 +97,7 @@ def test_resnet_d_with_deep_stem_and_avgpool_shortcut_equals_full():
     model = narrow("resnet10t")
     x = images(131, 45)
     t = torch.tensor([2])
-    with torch.no_grad():
-        plan = inc.plan_occlusion(model, x, window=10, stride=9)
-        ours = inc.run_occlusion_plan(plan, x, t, batch_size=64)
-        full = occlusion(model, x, t, window=10, stride=9, incremental=False)
+    plan, ours, full = planned_and_full(model, x, t, 10, 9, 64)
     assert plan.stages[0].name.startswith("conv1.0")
     assert any(s.name == "layer2.0" for s in plan.stages[:plan.n_crop]), plan.note
     assert rel_err(ours, full) < 1e-4
@@ -101,10 +108,7 @@ def test_mobilenetv2_depthwise_blocks_equal_full():
     model = make_model("mobilenetv2_035", dtype=torch.float32)
     x = images(96, 64, dtype=torch.float32)
     t = torch.tensor([4])
-    with torch.no_grad():
-        plan = inc.plan_occlusion(model, x, window=16, stride=12)
-        ours = inc.run_occlusion_plan(plan, x, t, batch_size=64)
-        full = occlusion(model, x, t, window=16, stride=12, incremental=False)
+    plan, ours, full = planned_and_full(model, x, t, 16, 12, 64)
     assert plan.n_crop >= 4 and "blocks.1.0" in [s.name for s in plan.stages[:plan.n_crop]], plan.note
     assert rel_err(ours, full) < 1e-4
 
@@ -114,10 +118,7 @@ def test_squeeze_excitation_stops_crops():
     model = make_model("mobilenetv3_small_050", dtype=torch.float32)
     x = images(48, 48, b=2, dtype=torch.float32)
     t = torch.tensor([0, 9])
-    with torch.no_grad():
-        plan = inc.plan_occlusion(model, x, window=12, stride=12)
-        ours = inc.run_occlusion_plan(plan, x, t, batch_size=64)
-        full = occlusion(model, x, t, window=12, stride=12, incremental=False)
+    plan, ours, full = planned_and_full(model, x, t, 12, 12, 64)
     assert plan.n_crop == 1 and plan.stages[1].name == "blocks.0.0", plan.note
     assert "blocks.0.0 and later stages run in full" in plan.note and "pools globally" in plan.note
     assert rel_err(ours, full) < 1e-4
@@ -255,10 +256,7 @@ def test_window_groups_with_their_own_crops_equal_full(narrow18):
     # their own crop sizes (and full stages); two images run through every group.
     x = images(96, 64, b=2)
     t = torch.tensor([3, 8])
-    with torch.no_grad():
-        plan = inc.plan_occlusion(narrow18, x, window=20, stride=6)
-        ours = inc.run_occlusion_plan(plan, x, t, baseline=0.1, batch_size=16)
-        full = occlusion(narrow18, x, t, window=20, stride=6, baseline=0.1, incremental=False)
+    plan, ours, full = planned_and_full(narrow18, x, t, 20, 6, 16, baseline=0.1)
     assert len(plan.groups) > 1 and "groups of windows" in plan.note, plan.note
     assert len({tuple(ax[0].size for ax in g.axes if ax) for g in plan.groups}) > 1
     assert sorted((int(i), int(j)) for g in plan.groups for i in g.iy for j in g.ix) == [
@@ -294,10 +292,7 @@ def test_stages_after_a_full_stage_run_on_crops_again():
     model = WideThenPointwise().double().eval()
     x = images(32, 32)
     t = torch.tensor([2])
-    with torch.no_grad():
-        plan = inc.plan_occlusion(model, x, window=4, stride=4)
-        ours = inc.run_occlusion_plan(plan, x, t, batch_size=32)
-        full = occlusion(model, x, t, window=4, stride=4, incremental=False)
+    plan, ours, full = planned_and_full(model, x, t, 4, 4, 32)
     names = [s.name for s in plan.stages]
     assert names == ["stem", "wide+act", "pw1", "pw2"], names
     assert any(g.cropped == [True, False, True, True] for g in plan.groups), [g.cropped for g in plan.groups]
