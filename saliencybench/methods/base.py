@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import InvalidInputError, NotApplicableError
 from ..modelutil import model_guard, num_classes
-from ..registry import Registry, keyword_defaults
+from ..registry import Constraint, Registry, check_params, keyword_defaults
 from ..validation import check_images, check_targets
 
 MethodFn = Callable[..., torch.Tensor]
@@ -57,7 +57,14 @@ class Applicability:
 
 @dataclass
 class MethodSpec:
-    """A registered explanation method: callable plus metadata."""
+    """A registered explanation method: callable plus metadata.
+
+    ``scaled``: ``(H, W) -> {param: value}`` for defaults that depend on the image
+    size (declared ``None`` in the signature, e.g. occlusion's window); the resolved
+    value is what a run records. ``constraints``: ranges or choices per parameter,
+    checked with the config before any work starts (:func:`~saliencybench.registry.check_params`).
+    ``signed``: whether the default output can be negative.
+    """
 
     name: str
     fn: MethodFn
@@ -69,20 +76,28 @@ class MethodSpec:
     summary: str = ""
     pass_needs: Callable[[dict[str, Any]], Any] | None = None
     derive: Callable[..., torch.Tensor] | None = None
+    scaled: Callable[[int, int], dict[str, Any]] | None = None
+    constraints: dict[str, Constraint] = field(default_factory=dict)
+    signed: bool = False
 
     def check(self, model: nn.Module) -> Applicability:
         """Tell whether the method applies to ``model`` (it may still run when not)."""
         return self.applicability(model) if self.applicability else Applicability(True)
 
-    def resolve_params(self, params: dict[str, Any]) -> dict[str, Any]:
-        """The method's defaults updated with ``params``; unknown names are an error."""
-        unknown = sorted(set(params) - set(self.params))
-        if unknown:
-            raise InvalidInputError(
-                f"method {self.name!r} has no parameter(s) {unknown}; its parameters are "
-                f"{sorted(self.params)}"
-            )
-        return {**self.params, **params}
+    def check_params(self, params: dict[str, Any]) -> None:
+        """Names, types and ranges of ``params``; raises :class:`InvalidInputError` naming the problem."""
+        check_params("method", self.name, params, self.fn, self.params, self.constraints)
+
+    def resolve_params(self, params: dict[str, Any], size: tuple[int, int] | None = None) -> dict[str, Any]:
+        """The method's defaults, then the image-size defaults for ``size`` (H, W), then ``params``,
+        key by key; unknown names and wrong types are an error."""
+        self.check_params(params)
+        scaled = self.scaled(*size) if self.scaled is not None and size is not None else {}
+        resolved = {**self.params, **scaled}
+        for k, v in params.items():
+            if not (v is None and k in scaled):  # None asks for the image-size default
+                resolved[k] = v
+        return resolved
 
 
 METHODS: Registry[MethodSpec] = Registry("method")
@@ -95,14 +110,18 @@ def register_method(
     family: str,
     needs_grad: bool = True,
     applicability: Callable[[nn.Module], Applicability] | None = None,
+    scaled: Callable[[int, int], dict[str, Any]] | None = None,
+    constraints: dict[str, Constraint] | None = None,
+    signed: bool = False,
 ) -> Callable[[MethodFn], MethodFn]:
-    """Decorator registering ``fn`` as method ``name`` with its paper and family."""
+    """Decorator registering ``fn`` as method ``name`` with its paper and family (see :class:`MethodSpec`)."""
 
     def deco(fn: MethodFn) -> MethodFn:
         summary = (fn.__doc__ or "").strip().split("\n")[0]
         METHODS.add(
             name,
-            MethodSpec(name, fn, paper, family, keyword_defaults(fn), needs_grad, applicability, summary),
+            MethodSpec(name, fn, paper, family, keyword_defaults(fn), needs_grad, applicability, summary,
+                       scaled=scaled, constraints=dict(constraints or {}), signed=signed),
         )
         return fn
 
@@ -136,7 +155,7 @@ def explain(
     spec = get_method(method)
     images = check_images(images)
     targets = check_targets(targets, images.shape[0], num_classes(model)).to(images.device)
-    resolved = spec.resolve_params(params)
+    resolved = spec.resolve_params(params, tuple(images.shape[-2:]))
     with model_guard(model):
         if shared is not None and spec.derive is not None:
             with torch.enable_grad():

@@ -53,6 +53,10 @@ AUTO_MAX_FLOP_RATIO = 0.6
     paper="Zeiler, Fergus. Visualizing and Understanding Convolutional Networks. ECCV 2014",
     family="perturbation",
     needs_grad=False,
+    scaled=lambda h, w: dict(zip(("window", "stride"), default_occlusion_window(h, w))),
+    constraints={"window": ">=1", "stride": ">=1", "batch_size": ">=1", "score": ("logit", "probability",
+                                                                                 "log_probability")},
+    signed=True,
 )
 def occlusion(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, window: int | None = None,

@@ -50,6 +50,8 @@ def iou(box: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     paper="Zhou et al. CAM, CVPR 2016; Selvaraju et al. Grad-CAM, ICCV 2017 (weakly supervised localisation)",
     higher_is_better=True,
     inputs="boxes",
+    criterion="localisation",
+    ranked=False,
 )
 def box_iou(
     heatmaps: torch.Tensor, boxes: list[torch.Tensor], *, threshold: float = 0.15, return_boxes: bool = False,

@@ -217,7 +217,8 @@ def _one_curve(
     return (auc, curves, xs) if return_curves else auc
 
 
-@register_metric("deletion", paper=PAPER, higher_is_better=False, inputs="model")
+@register_metric("deletion", paper=PAPER, higher_is_better=False, inputs="model", criterion="faithfulness",
+                 columns=("curve",), group="perturbation_curves")
 def deletion(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor, heatmaps: torch.Tensor, *,
     step: int | None = None, n_steps: int | None = None, substrate: str | float | torch.Tensor = "zeros",
@@ -235,7 +236,8 @@ def deletion(
                       batch_size, return_curves, precision)
 
 
-@register_metric("insertion", paper=PAPER, higher_is_better=True, inputs="model")
+@register_metric("insertion", paper=PAPER, higher_is_better=True, inputs="model", criterion="faithfulness",
+                 columns=("curve",), group="perturbation_curves")
 def insertion(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor, heatmaps: torch.Tensor, *,
     step: int | None = None, n_steps: int | None = None, substrate: str | float | torch.Tensor = "blur",

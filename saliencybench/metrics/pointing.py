@@ -56,6 +56,7 @@ def max_points(heatmaps: torch.Tensor) -> torch.Tensor:
     "(protocol as TorchRay's benchmark)",
     higher_is_better=True,
     inputs="masks",
+    criterion="localisation",
 )
 def pointing_game(heatmaps: torch.Tensor, masks: torch.Tensor, *, tolerance: float = 15) -> torch.Tensor:
     """Pointing game hits: Tensor[B] of 1.0 (hit) / 0.0 (miss).
@@ -92,6 +93,7 @@ def pointing_accuracy(hits: Sequence[float] | torch.Tensor, classes: Sequence[in
     paper="Wang et al. Score-CAM: Score-Weighted Visual Explanations for CNNs. CVPR-W 2020 (energy-based pointing game)",
     higher_is_better=True,
     inputs="masks",
+    criterion="localisation",
 )
 def energy_pointing_game(heatmaps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Share of the heatmap's positive mass inside the ground-truth region: Tensor[B] in [0,1].

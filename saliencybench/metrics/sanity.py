@@ -140,8 +140,12 @@ def similarities(original: torch.Tensor, other: torch.Tensor) -> dict[str, np.nd
     "sanity_randomization",
     paper="Adebayo, Gilmer, Muelly, Goodfellow, Hardt, Kim. Sanity Checks for Saliency Maps. NeurIPS 2018",
     higher_is_better=False,
-    inputs="sanity",
+    inputs="method",
+    criterion="randomisation",
     value_range=(-1.0, 1.0),
+    ranked=False,
+    outputs=("sanity_spearman_abs", "sanity_spearman", "sanity_ssim"),
+    schedule={"n_images": 8, "methods": ["saliency", "guided_backprop", "gradcam"]},
 )
 def sanity_randomization(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor, method: str, *, order: str = "cascading",
