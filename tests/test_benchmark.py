@@ -36,9 +36,9 @@ def tiny_config(tmp: Path, checkpoint: Path, **kw) -> RunConfig:
                 metrics=["deletion", "insertion", "pointing_game", "energy_pointing_game", "box_iou",
                          "sanity_randomization"],
                 dataset_params={"size": 64}, image_size=64, n_images=6, batch_size=3, checkpoints={"resnet10t": str(checkpoint)},
-                sanity_methods=["saliency"], sanity_images=2, output=str(tmp),
-                method_params={"occlusion": {"window": 16, "stride": 16}},
-                metric_params={"deletion": {"n_steps": 4}, "insertion": {"n_steps": 4}}, inspect=[])
+                output=str(tmp), method_params={"occlusion": {"window": 16, "stride": 16}},
+                metric_params={"deletion": {"n_steps": 4}, "insertion": {"n_steps": 4},
+                               "sanity_randomization": {"methods": ["saliency"], "n_images": 2}}, inspect=[])
     base.update(kw)
     return config_from_dict(base)
 
@@ -48,24 +48,28 @@ def test_run_resume_identical_rows(tmp_path, checkpoint):
     full = run(cfg, run_id="full", progress=False).results
     part = run(cfg, run_id="part", progress=False, stop_after=3)
     n_files = len(list((part.path / "rows").glob("*.parquet")))
-    assert n_files == 3
+    total = len(list((tmp_path / "full" / "rows").glob("*.parquet")))
+    assert 3 <= n_files < total  # stopped after the unit (explain task + its score tasks) in flight
     resumed = run(cfg, resume=part.path, progress=False).results
-    key = ["model", "method", "metric", "image_id", "metric_params"]
-    a = full.drop(columns=["run_id"]).sort_values(key).reset_index(drop=True)
-    b = resumed.drop(columns=["run_id"]).sort_values(key).reset_index(drop=True)
+    key = ["model", "method", "metric", "image_id", "metric_params", "stage"]
+    a = full.drop(columns=["run_id", "seconds"]).sort_values(key).reset_index(drop=True)
+    b = resumed.drop(columns=["run_id", "seconds"]).sort_values(key).reset_index(drop=True)
     assert len(a) == len(b) and not b.duplicated(key).any()
-    assert [h if isinstance(h, bytes) else b"" for h in a.heatmap] == [h if isinstance(h, bytes) else b"" for h in b.heatmap]
-    pd.testing.assert_frame_equal(a.drop(columns=["heatmap", "heatmap_shape"]),
-                                  b.drop(columns=["heatmap", "heatmap_shape"]))
+    pd.testing.assert_frame_equal(a, b)
+    for method in ("saliency", "gradcam", "occlusion"):
+        ids_a, maps_a = run(cfg, resume=tmp_path / "full", progress=False).heatmaps("resnet10t", method)
+        ids_b, maps_b = run(cfg, resume=part.path, progress=False).heatmaps("resnet10t", method)
+        assert ids_a == ids_b and torch.equal(maps_a, maps_b)
     # every row records what produced it
     for col in ("model", "method", "metric", "method_params", "metric_params", "seed", "versions", "dataset"):
         assert col in a and a[col].notna().all()
     assert "torch" in json.loads(a.versions.iloc[0])
+    assert {"label", "metric_config", "task", "seconds"} <= set(full.columns)
     cam = a[(a.method == "cam") & (a.metric == "deletion")]
     assert cam.value.notna().all()  # resnet10t is GAP + linear: CAM applies
-    occ = a[(a.method == "occlusion") & (a.metric == "deletion")]  # the path occlusion took, on its rows
+    occ = a[(a.method == "occlusion") & (a.metric == "top1_correct")]  # the path occlusion took, on its explain rows
     assert len(occ) and occ.note.str.startswith("full forward passes: incremental occlusion is tried from").all()
-    with pytest.raises(Exception, match="different config"):
+    with pytest.raises(Exception, match="different config.*seed"):
         run(tiny_config(tmp_path, checkpoint, seed=1), resume=part.path, progress=False)
 
 
@@ -82,6 +86,7 @@ def test_leaderboard_direction_and_ci_on_hand_made_frame():
               "note": "n/a: CAM needs GAP+FC"}]
     df = pd.DataFrame(rows)
     s = summary(df).set_index(["method", "metric"])
+    s["mean"] = s.score
     assert s.loc[("good", "deletion"), "rank"] == 1 and s.loc[("bad", "deletion"), "rank"] == 3
     assert s.loc[("good", "insertion"), "rank"] == 1 and s.loc[("bad", "insertion"), "rank"] == 3
     lo, hi = s.loc[("good", "deletion"), ["ci_low", "ci_high"]]
@@ -101,7 +106,8 @@ def test_localisation_error_table():
 
 
 def test_report_escapes_and_embeds(tmp_path, checkpoint):
-    cfg = tiny_config(tmp_path, checkpoint, methods=["gradcam", "center"], sanity_methods=["gradcam"],
+    cfg = tiny_config(tmp_path, checkpoint, methods=["gradcam", "center"],
+                      metric_params={"sanity_randomization": {"methods": ["gradcam"], "n_images": 2}},
                       inspect=["filters", "activations", "class-visualisation", "neighbours", "tsne"], n_images=12)
     r = run(cfg, run_id="rep", progress=False)
     # a malicious class name reaching the report must be escaped
@@ -134,7 +140,8 @@ def test_config_errors_name_the_key(tmp_path):
     assert load_config(f).n_images == 4
     t = tmp_path / "c.toml"
     t.write_text('methods = ["gradcam"]\n[method_params.rise]\nn_masks = 10\n')
-    assert load_config(t).method_params == {"rise": {"n_masks": 10}}
+    params = load_config(t).method_params
+    assert params["rise"] == {"n_masks": 10} and params["smoothgrad"] == {"n_samples": 16}  # merged key by key
 
 
 @pytest.mark.parametrize("argv,msg", [
@@ -143,7 +150,7 @@ def test_config_errors_name_the_key(tmp_path):
     (["run", "--dataset", "imagenet"], "unknown dataset"),
     (["run", "--models", "not-a-model"], "unknown model"),
     (["run", "--dataset", "voc07", "--data-root", "/nonexistent"], "/nonexistent"),
-    (["leaderboard", "/nonexistent-run"], "not a saliencybench run"),
+    (["leaderboard", "/nonexistent-run"], "is not a directory"),
 ])
 def test_cli_bad_input_clear_message_no_traceback(argv, msg, capsys, tmp_path):
     code = main([*argv[:1], *(["--output", str(tmp_path)] if argv[0] == "run" else []), *argv[1:]])
@@ -198,6 +205,6 @@ def test_process_executor_gives_the_same_rows(tmp_path, checkpoint):
     here = run(cfg, run_id="here", progress=False).results
     there = run(cfg, run_id="there", progress=False, executor=ProcessExecutor(workers=2)).results
     key = ["model", "method", "metric", "image_id"]
-    a = here.drop(columns=["run_id", "heatmap"]).sort_values(key).reset_index(drop=True)
-    b = there.drop(columns=["run_id", "heatmap"]).sort_values(key).reset_index(drop=True)
+    a = here.drop(columns=["run_id", "seconds"]).sort_values(key).reset_index(drop=True)
+    b = there.drop(columns=["run_id", "seconds"]).sort_values(key).reset_index(drop=True)
     pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-4)

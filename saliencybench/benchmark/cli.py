@@ -1,99 +1,128 @@
-"""``saliencybench`` command line: run, leaderboard, report, list, train, inspect.
+"""``saliencybench`` command line: run, score, leaderboard, report, list, train, inspect.
 
-Every expected failure (unknown names, missing files, bad configs, a resume
-against another config) prints one clear message and exits with status 2,
-never a traceback.
+Every expected failure (unknown names, bad values, missing or corrupt files,
+permissions, a resume against another config) prints one message naming the
+problem and the fix and exits with status 2; an unexpected error prints a
+one-line summary and the path of a file with its traceback and exits with 1.
+No command ever shows a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 
 from ..errors import SaliencyBenchError
-from .config import RunConfig, config_from_dict, load_config
-from .preprocess import PREPROCESSING
+
+EXAMPLES = """examples:
+  saliencybench run                                   # the embedded default benchmark, offline
+  saliencybench run --models resnet50 --checkpoint resnet50=w.safetensors --dataset imagenet-val \\
+      --data-root /data/val --config imagenet.yaml --device cuda
+  saliencybench run --resume results/<run-id>         # continue an interrupted run
+  saliencybench score results/<run-id> --metrics max_box_acc
+  saliencybench leaderboard results/<run-id>
+  saliencybench report results/<run-id>
+  saliencybench list
+"""
+
+
+def _csv(text: str) -> list[str]:
+    return [t for part in text.split(",") for t in [part.strip()] if t]
+
+
+def _names(values: list[str] | None) -> list[str] | None:
+    """Names from ``--x a b`` or ``--x a,b`` (or both)."""
+    return None if values is None else [n for v in values for n in _csv(v)]
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="saliencybench", description="Score CNN explanation methods against ground truth.")
-    sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run a benchmark (no arguments: the embedded default, offline)")
-    r.add_argument("--config", help="YAML or TOML run config")
-    r.add_argument("--models", nargs="+")
-    r.add_argument("--methods", nargs="+")
-    r.add_argument("--metrics", nargs="+")
-    r.add_argument("--dataset")
-    r.add_argument("--data-root", help="root directory of a real data set (sets dataset_params.root)")
-    r.add_argument("--n-images", type=int)
-    r.add_argument("--image-size", type=int, help="resize every image to this size (default: each model's own)")
+    p = argparse.ArgumentParser(prog="saliencybench", description="Score explanation methods for image classifiers "
+                                "against ground truth, end to end.", epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    r = sub.add_parser("run", help="run a benchmark (no arguments: the embedded default, offline)", formatter_class=fmt,
+                       epilog="Flags override the config file; method and metric parameters merge key by key.")
+    r.add_argument("--config", metavar="FILE", help="YAML or TOML run config (keys: the fields of RunConfig)")
+    r.add_argument("--models", nargs="+", metavar="NAME", help="saliencybench or timm model names (default: the three "
+                   "synthetic models)")
+    r.add_argument("--methods", nargs="+", metavar="NAME", help="method names (default: every built-in method)")
+    r.add_argument("--metrics", nargs="+", metavar="NAME", help="metric names (default: the default run's metrics)")
+    r.add_argument("--dataset", metavar="NAME", help="data set name (default: synthetic)")
+    r.add_argument("--data-root", metavar="DIR", help="root directory of a real data set (sets dataset_params.root)")
+    r.add_argument("--n-images", type=int, metavar="N", help="number of images (default 48)")
+    r.add_argument("--image-size", type=int, metavar="PX", help="resize every image to PX (default 0: each model's own)")
+    from .preprocess import PREPROCESSING
+
     r.add_argument("--preprocess", choices=PREPROCESSING,
-                   help="squash (RISE), shorter_side (TorchRay: scored at the original resolution) or center_crop")
-    r.add_argument("--batch-size", type=int)
-    r.add_argument("--seed", type=int)
+                   help="squash (RISE), shorter_side (TorchRay: scored at the original resolution) or center_crop "
+                   "(default squash)")
+    r.add_argument("--batch-size", type=int, metavar="N", help="images per task and batch (default 16)")
+    r.add_argument("--seed", type=int, help="seed of every random draw (default 0)")
+    r.add_argument("--device", metavar="DEV", help="auto, cpu, cuda or cuda:N (default auto: CUDA when available)")
     r.add_argument("--checkpoint", action="append", default=[], metavar="MODEL=FILE",
-                   help="load MODEL's weights from FILE (safetensors or torch state dict)")
-    r.add_argument("--output", help="parent directory of run directories (default results/)")
-    r.add_argument("--run-id")
-    r.add_argument("--resume", metavar="RUN", help="continue an interrupted run (its directory or id)")
-    r.add_argument("--no-report", action="store_true", help="skip the plots and HTML report")
-    r.add_argument("--workers", type=int, default=1,
-                   help="run tasks in this many worker processes, one torch thread each (default: in process)")
-    lb = sub.add_parser("leaderboard", help="print and save the leaderboard of a run")
-    lb.add_argument("run")
-    rp = sub.add_parser("report", help="write the HTML report of a run")
-    rp.add_argument("run")
-    sub.add_parser("list", help="list methods, metrics, data sets and models")
-    tr = sub.add_parser("train", help="(re)train the embedded default models into the cache")
-    tr.add_argument("--models", nargs="+")
+                   help="load MODEL's weights from FILE (safetensors or torch state dict); repeatable")
+    r.add_argument("--plugin", action="append", default=[], metavar="FILE",
+                   help="Python file registering methods/metrics, imported first; repeatable")
+    r.add_argument("--output", metavar="DIR", help="parent directory of run directories (default results)")
+    r.add_argument("--run-id", metavar="ID", help="name of the run directory (default: time stamp and config hash)")
+    r.add_argument("--resume", metavar="RUN", help="continue an interrupted run: its directory, or its id inside "
+                   "--output; flags that change its config are an error")
+    r.add_argument("--no-report", action="store_true", help="skip the plots and the HTML report")
+    r.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="run tasks in N worker processes, one torch thread each (1: in this process)")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    s = sub.add_parser("score", help="add metrics to a finished run from its stored heatmaps", formatter_class=fmt)
+    s.add_argument("run", help="run directory")
+    s.add_argument("--metrics", required=True, help="comma-separated metric names")
+    s.add_argument("--methods", help="only these methods (comma-separated; default all of the run's)")
+    s.add_argument("--models", help="only these models (comma-separated; default all of the run's)")
+    s.add_argument("--plugin", action="append", default=[], metavar="FILE", help="plug-in file; repeatable")
+    s.add_argument("--no-report", action="store_true", help="do not refresh the leaderboard files and the report")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    lb = sub.add_parser("leaderboard", help="print and save the leaderboard of a run", formatter_class=fmt)
+    lb.add_argument("run", help="run directory (or run id inside results/)")
+    rp = sub.add_parser("report", help="write the HTML report of a run", formatter_class=fmt)
+    rp.add_argument("run", help="run directory (or run id inside results/)")
+    sub.add_parser("list", help="list methods, metrics, data sets and models", formatter_class=fmt)
+    tr = sub.add_parser("train", help="(re)train the embedded default models into the cache", formatter_class=fmt)
+    tr.add_argument("--models", nargs="+", help="default model names (default: all)")
     from ..inspect.cli import add_parser as add_inspect_parser
 
     add_inspect_parser(sub)
     return p
 
 
-def _config(args: argparse.Namespace) -> RunConfig:
-    cfg = load_config(args.config) if args.config else RunConfig()
-    keys = ("models", "methods", "metrics", "dataset", "n_images", "image_size", "preprocess", "batch_size", "seed",
-            "output")
+def _config(args: argparse.Namespace):  # -> RunConfig
+    from .config import RunConfig, config_from_dict, load_config
+    from .runner import open_run, resolve_run_path
+
+    if args.resume:
+        base = open_run(resolve_run_path(args.resume, args.output or "results")).config
+        if args.config:
+            base = load_config(args.config)
+    else:
+        base = load_config(args.config) if args.config else RunConfig()
+    keys = ("dataset", "n_images", "image_size", "preprocess", "batch_size", "seed", "output", "device")
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    for k in ("models", "methods", "metrics"):
+        if getattr(args, k) is not None:
+            overrides[k] = _names(getattr(args, k))
+    if args.plugin:
+        overrides["plugins"] = [*base.plugins, *[p for p in args.plugin if p not in base.plugins]]
     if args.data_root:
-        overrides["dataset_params"] = {**cfg.dataset_params, "root": args.data_root}
+        overrides["dataset_params"] = {**base.dataset_params, "root": args.data_root}
     if args.checkpoint:
-        pairs = dict(c.split("=", 1) for c in args.checkpoint if "=" in c)
-        if len(pairs) != len(args.checkpoint):
-            raise SaliencyBenchError("--checkpoint takes MODEL=FILE, e.g. --checkpoint resnet50=weights.safetensors")
-        overrides["checkpoints"] = {**cfg.checkpoints, **pairs}
-    cfg = config_from_dict(overrides, cfg)
-    validate(cfg)
-    return cfg
-
-
-def validate(cfg: RunConfig) -> None:
-    """Check every name in the config before any work starts."""
-    import timm
-
-    from ..methods.base import get_method
-    from ..metrics.base import get_metric
-    from .datasets import DATASETS
-    from .models import MODELS, ModelLoadError
-
-    for m in cfg.methods + cfg.sanity_methods:
-        get_method(m)
-    for m in cfg.metrics:
-        get_metric(m)
-    from .inspection import INSPECTIONS
-
-    bad = sorted(set(cfg.inspect) - set(INSPECTIONS))
-    if bad:
-        raise SaliencyBenchError(f"unknown inspection(s) {bad} in config key 'inspect'; choose from {list(INSPECTIONS)}")
-    DATASETS.get(cfg.dataset)
-    for m in cfg.models:
-        if m not in MODELS and not timm.is_model(m):
-            raise ModelLoadError(
-                f"unknown model {m!r}: use a saliencybench model ({', '.join(MODELS.names())}) or a timm model name"
-            )
+        bad = [c for c in args.checkpoint if "=" not in c or not c.split("=", 1)[0] or not c.split("=", 1)[1]]
+        if bad:
+            raise SaliencyBenchError(f"--checkpoint takes MODEL=FILE, got {bad[0]!r}; e.g. --checkpoint "
+                                     "resnet50=weights.safetensors")
+        overrides["checkpoints"] = {**base.checkpoints, **dict(c.split("=", 1) for c in args.checkpoint)}
+    return config_from_dict(overrides, base)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,15 +132,60 @@ def main(argv: list[str] | None = None) -> int:
     except SaliencyBenchError as e:
         print(f"saliencybench: error: {e}", file=sys.stderr)
         return 2
+    except PermissionError as e:
+        print(f"saliencybench: error: permission denied: {e.filename or e}; choose a writable location "
+              "(e.g. --output)", file=sys.stderr)
+        return 2
+    except OSError as e:
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"saliencybench: error: {e.strerror or e}{where}; check the path, free disk space and permissions",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("saliencybench: interrupted; continue with --resume RUN", file=sys.stderr)
+        print("saliencybench: interrupted; rows already computed are kept: continue with "
+              "`saliencybench run --resume <run directory>`", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - never a traceback on the terminal
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = Path(tempfile.gettempdir()) / f"saliencybench-error-{stamp}.txt"
+        try:
+            path.write_text(traceback.format_exc())
+            where = f"; the traceback is in {path}"
+        except OSError:
+            where = ""
+        print(f"saliencybench: unexpected error: {type(e).__name__}: {str(e)[:300]}{where}. Rows already computed are "
+              "kept (resume with --resume); please report this.", file=sys.stderr)
+        return 1
+
+
+def _list() -> int:
+    from ..methods.base import METHODS
+    from ..metrics.base import METRICS
+    from .datasets import DATASETS
+    from .models import MODELS
+
+    sections = [
+        ("methods", METHODS, lambda s: f"{s.family:12s} {s.paper}"),
+        ("metrics", METRICS, lambda s: f"{s.criterion:13s} {s.direction():17s} {s.paper}"),
+        ("data sets", DATASETS, lambda s: s.summary),
+        ("models (and any timm model name)", MODELS, lambda s: s.summary),
+    ]
+    for title, registry, describe in sections:
+        print(f"{title}:")
+        for n, spec in sorted(registry.entries.items()):
+            print(f"  {n:24s} {describe(spec)}"[:200])
+    return 0
+
+
+def _open(name: str):  # -> Run
+    from .runner import open_run
+
+    path = Path(name)
+    return open_run(path if path.exists() else Path("results") / name)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
     from . import load_all
-    from .report import write_leaderboard, write_report
-    from .runner import ProcessExecutor, open_run, run
 
     load_all()
     if args.command == "inspect":
@@ -119,22 +193,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_inspect(args)
     if args.command == "list":
-        from ..methods.base import METHODS
-        from ..metrics.base import METRICS
-        from .datasets import DATASETS
-        from .models import MODELS
-
-        sections = [
-            ("methods", METHODS, lambda s: f"{s.family:12s} {s.paper}"),
-            ("metrics", METRICS, lambda s: f"{'higher' if s.higher_is_better else 'lower'} is better  {s.paper}"),
-            ("data sets", DATASETS, lambda s: s.summary),
-            ("models (and any timm model name)", MODELS, lambda s: s.summary),
-        ]
-        for title, registry, describe in sections:
-            print(f"{title}:")
-            for n, spec in sorted(registry.entries.items()):
-                print(f"  {n:22s} {describe(spec)}")
-        return 0
+        return _list()
     if args.command == "train":
         from .models import DEFAULT_ARCHS, default_model
 
@@ -144,21 +203,36 @@ def _dispatch(args: argparse.Namespace) -> int:
             b = default_model(name, retrain=True)
             print(f"{name}: val accuracy {b.info['val_accuracy']:.4f}, {b.info['train_seconds']:.0f} s, {b.info['weights']}")
         return 0
+    from .report import write_leaderboard, write_report
+
     if args.command == "run":
+        from .runner import ProcessExecutor, resolve_run_path, run
+
         cfg = _config(args)
-        if args.resume:
-            path = Path(args.resume) if Path(args.resume).exists() else Path(cfg.output) / args.resume
-            if not (args.config or any(getattr(args, k) for k in ("models", "methods", "metrics", "dataset"))):
-                cfg = open_run(path).config
+        if args.workers < 1:
+            raise SaliencyBenchError(f"--workers must be >= 1, got {args.workers}")
         executor = ProcessExecutor(args.workers) if args.workers > 1 else None
-        result = run(cfg, run_id=args.run_id, resume=args.resume, executor=executor)
+        resume = resolve_run_path(args.resume, cfg.output) if args.resume else None
+        result = run(cfg, run_id=args.run_id, resume=resume, executor=executor, progress=not args.quiet)
         board, csv = write_leaderboard(result)
         print(board.to_string(max_colwidth=28))
         print(f"\nresults: {result.path}\nleaderboard: {csv} and {result.path / 'leaderboard.md'}")
         if not args.no_report:
             print(f"report: {write_report(result)}")
         return 0
-    run_obj = open_run(args.run if Path(args.run).exists() else Path("results") / args.run)
+    if args.command == "score":
+        from .plugins import load_plugins
+
+        load_plugins(args.plugin)
+        run_obj = _open(args.run)
+        run_obj.score(_csv(args.metrics), methods=_csv(args.methods) if args.methods else None,
+                      models=_csv(args.models) if args.models else None, progress=not args.quiet)
+        board, csv = write_leaderboard(run_obj)
+        print(board.to_string(max_colwidth=28))
+        if not args.no_report:
+            print(f"report: {write_report(run_obj)}")
+        return 0
+    run_obj = _open(args.run)
     if args.command == "leaderboard":
         board, csv = write_leaderboard(run_obj)
         print(board.to_string(max_colwidth=28))

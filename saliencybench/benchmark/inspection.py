@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from .. import inspect as ins
-from .runner import Run, TaskContext
+from .execute import TaskContext
+from .runner import Run
 
 INSPECTIONS = ("filters", "activations", "class-visualisation", "neighbours", "tsne")
 

@@ -1,16 +1,107 @@
-"""Leaderboards from result rows: means with 95% bootstrap confidence intervals,
-ranks in each metric's direction, mean rank, n/a reasons, localisation error."""
+"""Leaderboards from result rows, driven by the metric registry.
+
+Rows are pooled per (model, metric, method) over the run's images
+(:func:`pools`): each metric's spec says its direction, criterion, level and how
+its per-image results reduce to a data-set score (the mean, a per-class mean,
+MaxBoxAcc's pooled hits ...). A metric scored with parameters other than the
+run's (``saliencybench score`` with new parameters) is a variant labelled
+``name[param=value]``. Nothing here names a metric or a method.
+"""
 
 from __future__ import annotations
+
+import json
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from ..metrics.base import METRICS
+from ..metrics.base import MetricSpec, Pooled, output_spec
 
-SCORED = ("deletion", "insertion", "pointing_game", "energy_pointing_game", "box_iou", "sanity_spearman_abs")
-HIGHER_IS_BETTER = {**{name: spec.higher_is_better for name, spec in METRICS.entries.items()},
-                    "sanity_spearman_abs": False, "localisation_accuracy": True}
+NA_PREFIX = "n/a"
+
+
+@dataclass
+class MetricPools:
+    """One metric (or variant) of one model: its spec, configured params and the per-method pools."""
+
+    model: str
+    label: str
+    spec: MetricSpec
+    params: dict
+    pools: dict[str, tuple[list[str], Pooled]]
+    notes: dict[str, str]
+
+
+def _variant_labels(rows: pd.DataFrame, metric_params: dict | None = None) -> pd.Series:
+    """``metric`` where the configured parameters are the run's (``metric_params``, else the most common
+    ones for that metric), else ``metric[k=v,...]`` with the parameters that differ."""
+    if "metric_config" not in rows:
+        return rows.metric
+    cfg = rows.metric_config.fillna("{}")
+    labels = rows.metric.copy()
+    for metric, g in rows.groupby("metric"):
+        configs = cfg[g.index].value_counts()
+        if len(configs) < 2:
+            continue
+        run_params = json.dumps((metric_params or {}).get(metric, {}), sort_keys=True, default=str)
+        main_text = run_params if metric_params is not None and run_params in configs.index else configs.index[0]
+        main = json.loads(main_text)
+        for c in [c for c in configs.index if c != main_text]:
+            d = json.loads(c)
+            diff = ",".join(f"{k}={d.get(k)}" for k in sorted(set(d) | set(main)) if d.get(k) != main.get(k))
+            labels[g.index[cfg[g.index] == c]] = f"{metric}[{diff}]"
+    return labels
+
+
+def pools(rows: pd.DataFrame, n_classes: int | None = None, metric_params: dict | None = None) -> list[MetricPools]:
+    """Per-image results pooled per (model, metric label, method), aligned by image id across methods.
+
+    Only rows of a registered metric's own output are pooled (predictions, skipped samples and
+    further outputs such as per-stage similarities are not). A method whose values are all NaN
+    with an ``n/a`` note gets that note and no pool.
+    """
+    from .execute import decode_stats
+
+    out: list[MetricPools] = []
+    if rows.empty or "metric" not in rows:
+        return out
+    rows = rows[rows.metric.map(lambda m: (s := output_spec(m)) is not None and s.name == m)]
+    if rows.empty:
+        return out
+    rows = rows.assign(label=_variant_labels(rows, metric_params))
+    for (model, label), g in rows.groupby(["model", "label"], sort=True):
+        spec = output_spec(g.metric.iloc[0])
+        assert spec is not None
+        params = json.loads(g.metric_config.dropna().iloc[0]) if "metric_config" in g and g.metric_config.notna().any() else {}
+        ids = sorted(g.image_id.unique())
+        entry = MetricPools(model, label, spec, params, {}, {})
+        for method, m in g.groupby("method", sort=True):
+            m = m.drop_duplicates("image_id").set_index("image_id")
+            notes = m.note.fillna("") if "note" in m else pd.Series("", index=m.index)
+            values = m.value.reindex(ids).to_numpy(dtype=float)
+            if not np.isfinite(values).any() and notes.str.startswith(NA_PREFIX).any():
+                entry.notes[method] = notes[notes.str.startswith(NA_PREFIX)].iloc[0]
+                continue
+            entry.notes[method] = next((n for n in notes if n), "")
+            stats = None
+            if spec.level == "dataset" and "stats" in m:
+                have = m.stats.reindex(ids).map(lambda v: isinstance(v, (bytes, bytearray)))
+                if not have.all():
+                    continue
+                stats = np.stack([decode_stats(m.loc[i]) for i in ids])
+            labels = m.label.reindex(ids).to_numpy() if "label" in m else None
+            entry.pools[method] = (ids, Pooled(values, stats, labels, n_classes))
+        out.append(entry)
+    return out
+
+
+def data_set_score(mp: MetricPools, pool: Pooled) -> float:
+    """The data-set score of one pool by the metric's reduce (the main key of a dict result)."""
+    value = mp.spec.reduce(pool, mp.params)
+    if isinstance(value, dict):
+        value = value.get(mp.spec.name, next(iter(value.values())))
+    return float(value)
 
 
 def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
@@ -27,80 +118,102 @@ def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0, level: f
     return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
 
 
-def _final_sanity(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per image, the similarity at the last (fully randomised) stage of the cascade."""
-    s = rows[rows.metric == "sanity_spearman_abs"]
-    if s.empty:
-        return s
-    last = s.groupby(["model", "method"])["stage"].transform("max")
-    return s[s.stage == last]
+def _pool_ci(mp: MetricPools, pool: Pooled, n_boot: int, seed: int) -> tuple[float, float]:
+    n = len(pool.values)
+    if n < 2:
+        s = data_set_score(mp, pool)
+        return s, s
+    rng = np.random.default_rng(seed)
+    boots = np.array([data_set_score(mp, pool.take(rng.integers(0, n, n))) for _ in range(n_boot)])
+    boots = boots[np.isfinite(boots)]
+    if not len(boots):
+        return float("nan"), float("nan")
+    return float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
 
 
-def summary(rows: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """One row per (model, method, metric): mean, ci_low, ci_high, n, note (n/a reason), rank."""
-    if rows.empty:
-        return pd.DataFrame(columns=["model", "method", "metric", "mean", "ci_low", "ci_high", "n", "note", "rank"])
-    main = rows[rows.metric.isin(SCORED) & (rows.metric != "sanity_spearman_abs")]
-    data = pd.concat([main, _final_sanity(rows)], ignore_index=True)
-    if "box_iou" in set(rows.metric):
-        loc = rows[rows.metric == "box_iou"].copy()
-        loc["value"] = np.where(loc.value.isna(), np.nan, (loc.value >= 0.5).astype(float))
-        loc["metric"] = "localisation_accuracy"
-        data = pd.concat([data, loc], ignore_index=True)
+def summary(rows: pd.DataFrame, n_boot: int = 1000, seed: int = 0, n_classes: int | None = None,
+            metric_params: dict | None = None) -> pd.DataFrame:
+    """One row per (model, method, metric): score, ci_low, ci_high, n, note, rank, criterion, ranked."""
+    cols = ["model", "method", "metric", "criterion", "score", "ci_low", "ci_high", "n", "note", "rank", "ranked"]
     out = []
-    for (model, method, metric), g in data.groupby(["model", "method", "metric"], sort=True):
-        vals = g.value.to_numpy(dtype=float)
-        notes = g.note.fillna("") if "note" in g else pd.Series([""] * len(g))
-        na = notes.str.startswith("n/a").all()
-        lo, hi = bootstrap_ci(vals, n_boot, seed)
-        out.append({"model": model, "method": method, "metric": metric,
-                    "mean": float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan"),
-                    "ci_low": lo, "ci_high": hi, "n": int(np.isfinite(vals).sum()),
-                    "note": notes.iloc[0] if na else next((n for n in notes if n), "")})
-    table = pd.DataFrame(out)
+    for mp in pools(rows, n_classes, metric_params):
+        for method, (ids, pool) in mp.pools.items():
+            score = data_set_score(mp, pool)
+            lo, hi = _pool_ci(mp, pool, n_boot, seed)
+            out.append({"model": mp.model, "method": method, "metric": mp.label, "criterion": mp.spec.criterion,
+                        "score": score, "ci_low": lo, "ci_high": hi, "n": int(np.isfinite(pool.values).sum())
+                        if mp.spec.level == "image" else len(ids), "note": mp.notes.get(method, ""),
+                        "ranked": mp.spec.ranked and mp.label == mp.spec.name})
+        for method, note in mp.notes.items():
+            if method not in mp.pools and note.startswith(NA_PREFIX):
+                out.append({"model": mp.model, "method": method, "metric": mp.label, "criterion": mp.spec.criterion,
+                            "score": np.nan, "ci_low": np.nan, "ci_high": np.nan, "n": 0, "note": note,
+                            "ranked": False})
+    table = pd.DataFrame(out, columns=cols[:-2] + ["ranked"])
     table["rank"] = np.nan
-    for (model, metric), g in table.groupby(["model", "metric"]):
-        asc = not HIGHER_IS_BETTER.get(metric, True)
-        table.loc[g.index, "rank"] = g["mean"].rank(ascending=asc, method="min")
-    return table
+    for (_model, metric), g in table[table.score.notna()].groupby(["model", "metric"]):
+        spec = output_spec(metric.split("[")[0])
+        asc = not (spec.higher_is_better if spec else True)
+        table.loc[g.index, "rank"] = g.score.rank(ascending=asc, method="average")
+    return table[cols]
 
 
-def leaderboard(rows: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """Method x (model, metric) table of ``mean [ci_low, ci_high]`` (or ``n/a``), with the
-    mean rank per model, sorted by overall mean rank. Baselines are rows like any method."""
-    s = summary(rows, n_boot, seed)
+def leaderboard(rows: pd.DataFrame, n_boot: int = 1000, seed: int = 0, metric_params: dict | None = None
+                ) -> pd.DataFrame:
+    """Method x (model, metric) table of ``score [ci_low, ci_high]`` (or ``n/a``), with the mean
+    rank per model over ranked metrics, sorted by the overall mean rank."""
+    s = summary(rows, n_boot, seed, metric_params=metric_params)
     if s.empty:
         return pd.DataFrame()
 
     def cell(r: pd.Series) -> str:
-        if r.note.startswith("n/a") or not np.isfinite(r["mean"]):
+        if str(r.note).startswith(NA_PREFIX) or not np.isfinite(r.score):
             return "n/a"
-        return f"{r['mean']:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]"
+        return f"{r.score:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]"
 
     s = s.assign(cell=s.apply(cell, axis=1))
     table = s.pivot_table(index="method", columns=["model", "metric"], values="cell", aggfunc="first")
-    ranks = s.groupby(["method", "model"])["rank"].mean().unstack("model")
+    ranks = s[s.ranked].groupby(["method", "model"])["rank"].mean().unstack("model")
     for model in ranks.columns:
         table[(model, "mean_rank")] = ranks[model].round(2)
     table = table.sort_index(axis=1)
     table["overall_mean_rank"] = ranks.mean(axis=1).round(2)
-    return table.sort_values("overall_mean_rank")
+    return table.sort_values("overall_mean_rank", na_position="last")
 
 
 def not_applicable(rows: pd.DataFrame) -> pd.DataFrame:
     """(model, method, reason) for every method that did not apply to a model."""
-    notes = rows[rows.note.fillna("").str.startswith("n/a")]
+    if rows.empty or "note" not in rows:
+        return pd.DataFrame(columns=["model", "method", "reason"])
+    notes = rows[rows.note.fillna("").str.startswith(NA_PREFIX)]
     return notes.groupby(["model", "method"])["note"].first().reset_index().rename(columns={"note": "reason"})
 
 
-def localisation_error(rows: pd.DataFrame) -> pd.DataFrame:
-    """Top-1 / top-5 localisation error per (model, method), CAM protocol: an image is
-    localised when the class is in the top-k and the box IoU >= 0.5."""
-    b = rows[rows.metric == "box_iou"].dropna(subset=["value"])
+def predictions(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, image): top-1 and top-5 correctness and the predicted class (from the explain tasks)."""
+    if rows.empty or "metric" not in rows:
+        return pd.DataFrame(columns=["model", "image_id", "top1_correct", "top5_correct"])
+    t = rows[rows.metric == "top1_correct"].drop_duplicates(["model", "image_id"])
+    return t.assign(top1_correct=t.value.astype(bool))[
+        ["model", "image_id", "top1_correct", "top5_correct"] + (["predicted_class"] if "predicted_class" in t else [])]
+
+
+def localisation_error(rows: pd.DataFrame, metric: str = "box_iou", min_iou: float = 0.5) -> pd.DataFrame:
+    """Top-1 / top-5 localisation error per (model, method), the CAM / Grad-CAM protocol: an image is
+    localised when the class is in the top-k and the IoU of ``metric``'s box >= ``min_iou``."""
+    cols = ["model", "method", "top1_loc_error", "top5_loc_error", "n"]
+    if rows.empty or "metric" not in rows:
+        return pd.DataFrame(columns=cols)
+    b = rows[rows.metric == metric].dropna(subset=["value"])
     if b.empty:
-        return pd.DataFrame(columns=["model", "method", "top1_loc_error", "top5_loc_error", "n"])
-    ok = b.value >= 0.5
-    b = b.assign(l1=(ok & b.top1_correct.astype(bool)).astype(float), l5=(ok & b.top5_correct.astype(bool)).astype(float))
+        return pd.DataFrame(columns=cols)
+    if "top1_correct" not in b or b.top1_correct.isna().all():
+        pred = predictions(rows)[["model", "image_id", "top1_correct", "top5_correct"]]
+        b = b.drop(columns=[c for c in ("top1_correct", "top5_correct") if c in b]).merge(
+            pred, on=["model", "image_id"], how="left")
+    ok = b.value >= min_iou
+    b = b.assign(l1=(ok & b.top1_correct.fillna(False).astype(bool)).astype(float),
+                 l5=(ok & b.top5_correct.fillna(False).astype(bool)).astype(float))
     g = b.groupby(["model", "method"])
     return pd.DataFrame({"top1_loc_error": 1 - g.l1.mean(), "top5_loc_error": 1 - g.l5.mean(),
                          "n": g.size()}).reset_index()
@@ -108,8 +221,9 @@ def localisation_error(rows: pd.DataFrame) -> pd.DataFrame:
 
 def model_accuracy(rows: pd.DataFrame) -> pd.DataFrame:
     """Top-1 accuracy of each model on the run's images."""
-    t = rows[rows.metric == "top1_correct"].drop_duplicates(["model", "image_id"])
-    return t.groupby("model")["value"].agg(["mean", "size"]).rename(columns={"mean": "top1_accuracy", "size": "n"})
+    t = predictions(rows)
+    return t.groupby("model")["top1_correct"].agg(["mean", "size"]).rename(
+        columns={"mean": "top1_accuracy", "size": "n"})
 
 
 def to_markdown(df: pd.DataFrame) -> str:

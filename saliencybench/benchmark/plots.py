@@ -17,7 +17,8 @@ import seaborn as sns  # noqa: E402
 import torch  # noqa: E402
 from scipy.stats import kendalltau  # noqa: E402
 
-from .leaderboard import HIGHER_IS_BETTER, summary  # noqa: E402
+from ..metrics.base import METRICS, output_spec  # noqa: E402
+from .leaderboard import summary  # noqa: E402
 
 
 def _save(fig: plt.Figure, out: Path, name: str) -> list[Path]:
@@ -29,44 +30,49 @@ def _save(fig: plt.Figure, out: Path, name: str) -> list[Path]:
 
 
 def metric_bars(rows: pd.DataFrame, out: Path) -> list[Path]:
-    """One bar plot per metric: method means per model with 95% bootstrap CIs."""
+    """One bar plot per image-level metric in the rows: method means per model with 95% bootstrap CIs."""
     paths = []
-    for metric in ("deletion", "insertion", "pointing_game", "energy_pointing_game", "box_iou"):
+    for metric in sorted(set(rows.metric) & set(METRICS.names())) if not rows.empty else []:
+        spec = METRICS.get(metric)
         d = rows[(rows.metric == metric)].dropna(subset=["value"])
-        if d.empty:
+        if d.empty or spec.level != "image":
             continue
-        order = d.groupby("method").value.mean().sort_values(ascending=not HIGHER_IS_BETTER[metric]).index
+        order = d.groupby("method").value.mean().sort_values(ascending=not spec.higher_is_better).index
         fig, ax = plt.subplots(figsize=(9, 4))
         sns.barplot(data=d, x="method", y="value", hue="model", order=order, errorbar=("ci", 95), n_boot=1000,
                     seed=0, ax=ax)
-        arrow = "higher is better" if HIGHER_IS_BETTER[metric] else "lower is better"
-        ax.set(title=f"{metric} ({arrow})", xlabel="", ylabel=metric)
+        ax.set(title=f"{metric} ({spec.direction()})", xlabel="", ylabel=metric)
         ax.tick_params(axis="x", rotation=45)
         paths += _save(fig, out, f"bar_{metric}")
     return paths
 
 
 def perturbation_curves(rows: pd.DataFrame, out: Path) -> list[Path]:
-    """Mean deletion and insertion curves per method, one panel per (model, metric)."""
-    d = rows[rows.metric.isin(["deletion", "insertion"])].dropna(subset=["value"])
+    """Mean curves per method, one panel per (model, metric), for every metric that returns curves."""
+    curve_metrics = [n for n, s in METRICS.entries.items() if "curve" in s.columns]
+    d = rows[rows.metric.isin(curve_metrics)].dropna(subset=["value"]) if not rows.empty else rows
     if d.empty or "curve" not in d:
         return []
     recs = []
-    for r in d.itertuples():
+    for r in d.dropna(subset=["curve"]).itertuples():
         ys = json.loads(r.curve)
         xs = np.linspace(0, 1, len(ys))
         recs += [{"model": r.model, "method": r.method, "metric": r.metric, "fraction": x, "score": y}
                  for x, y in zip(xs, ys)]
+    if not recs:
+        return []
     c = pd.DataFrame(recs)
     g = sns.relplot(data=c, x="fraction", y="score", hue="method", col="metric", row="model", kind="line",
                     errorbar=None, height=2.6, aspect=1.4, facet_kws={"sharey": False})
-    g.set_axis_labels("fraction of pixels changed", "target probability")
-    return _save(g.figure, out, "curves_deletion_insertion")
+    g.set_axis_labels("fraction of pixels changed", "target score")
+    return _save(g.figure, out, "curves")
 
 
 def sanity_curves(rows: pd.DataFrame, out: Path) -> list[Path]:
-    """Similarity to the original heatmaps as blocks are randomised from the output back."""
-    d = rows[rows.metric.str.startswith("sanity_")]
+    """Similarity to the original heatmaps as blocks are randomised (metrics with per-stage outputs)."""
+    if rows.empty or "stage" not in rows:
+        return []
+    d = rows[rows.metric.map(lambda m: (s := output_spec(m)) is not None and m in s.outputs) & rows.stage.notna()]
     if d.empty:
         return []
     g = sns.relplot(data=d, x="stage", y="value", hue="method", col="metric", row="model", kind="line",
@@ -79,7 +85,7 @@ def rank_agreement(rows: pd.DataFrame, out: Path) -> tuple[list[Path], pd.DataFr
     """Kendall tau between metrics of the methods' orderings (each in its better direction),
     averaged over models. Returns the figure paths and the matrix."""
     s = summary(rows, n_boot=10)
-    s = s[~s.metric.isin(["localisation_accuracy"])].dropna(subset=["mean"])
+    s = s[s.ranked].dropna(subset=["score"])
     metrics = sorted(s.metric.unique())
     if len(metrics) < 2:
         return [], pd.DataFrame()

@@ -16,7 +16,8 @@ import pandas as pd
 import torch
 
 from . import plots
-from .datasets import get_dataset
+from ..errors import SaliencyBenchError
+from .execute import TaskContext
 from .leaderboard import leaderboard, localisation_error, model_accuracy, not_applicable, summary, to_markdown
 from .runner import Run, open_run
 
@@ -24,7 +25,9 @@ from .runner import Run, open_run
 def write_leaderboard(run: Run) -> tuple[pd.DataFrame, Path]:
     """Compute the leaderboard; save CSV and Markdown under ``<run>/``; return it and the CSV path."""
     rows = run.results
-    board = leaderboard(rows)
+    board = leaderboard(rows, metric_params=run.config.metric_params)
+    if board.empty:
+        board = pd.DataFrame({"note": ["no scored rows yet: the run has not finished a score task"]})
     board.to_csv(run.path / "leaderboard.csv")
     loc = localisation_error(rows)
     acc = model_accuracy(rows)
@@ -40,40 +43,49 @@ def write_leaderboard(run: Run) -> tuple[pd.DataFrame, Path]:
 
 
 def _gallery(run: Run, rows: pd.DataFrame, out: Path) -> list[Path]:
-    h = rows[rows.metric == "heatmap"] if "heatmap" in rows else pd.DataFrame()
-    if h.empty:
+    """Gallery of the first images of each model, read from the run's heatmap store."""
+    from .store import HeatmapStore
+
+    store = HeatmapStore(run.path)
+    if not store.keys():
         return []
-    model = run.config.models[0]
-    h = h[h.model == model]
-    ids = sorted(h.image_id.unique())
     cfg = run.config
-    params = dict(cfg.dataset_params)
-    if cfg.dataset == "synthetic":
-        params.setdefault("n_images", cfg.n_images)
-        params.setdefault("seed", cfg.seed)
-    ds = get_dataset(cfg.dataset, **params)
-    by_id = {}
-    for i in range(min(len(ds), 64)):
-        s = ds[i]
-        if s.image_id in ids:
-            by_id[s.image_id] = s
-    ids = [i for i in ids if i in by_id]
-    if not ids:
-        return []
-    size = tuple(h.iloc[0].heatmap_shape)
-    images, boxes = [], []
-    for i in ids:
-        s = by_id[i]
-        hh, ww = s.image.shape[-2:]
-        images.append(torch.nn.functional.interpolate(s.image[None], size=size, mode="bilinear")[0])
-        boxes.append(s.boxes * torch.tensor([size[1] / ww, size[0] / hh, size[1] / ww, size[0] / hh]))
-    maps = {}
-    for method in cfg.methods:
-        m = h[h.method == method].set_index("image_id")
-        if set(ids) <= set(m.index):
-            maps[method] = torch.stack([torch.from_numpy(np.frombuffer(m.loc[i].heatmap, dtype=np.float16)
-                                                         .astype(np.float32).reshape(size)) for i in ids])
-    return plots.gallery(torch.stack(images), boxes, maps, [f"{i}" for i in ids], out, f"gallery_{model}")
+    ctx = TaskContext(cfg, run.run_id, run.path)
+    paths: list[Path] = []
+    for model in cfg.models:
+        maps: dict[str, dict[str, torch.Tensor]] = {}
+        for method in cfg.methods:
+            try:
+                ids, heat = run.heatmaps(model, method)
+            except SaliencyBenchError:
+                continue
+            maps[method] = dict(zip(ids, heat))
+        if not maps:
+            continue
+        first = next(iter(maps.values()))
+        ids = [i for i in list(first)[: cfg.gallery_images] if all(i in m for m in maps.values())]
+        samples = {}
+        for i in range(min(len(ctx.dataset), 4 * max(1, cfg.gallery_images) + 16)):
+            try:
+                s = ctx.dataset[i]
+            except SaliencyBenchError:
+                continue
+            if s.image_id in ids:
+                samples[s.image_id] = s
+        ids = [i for i in ids if i in samples]
+        if not ids:
+            continue
+        size = tuple(first[ids[0]].shape)
+        images, boxes = [], []
+        for i in ids:
+            s = samples[i]
+            hh, ww = s.image.shape[-2:]
+            images.append(torch.nn.functional.interpolate(s.image[None], size=size, mode="bilinear")[0])
+            boxes.append(s.boxes * torch.tensor([size[1] / ww, size[0] / hh, size[1] / ww, size[0] / hh]))
+        heat = {m: torch.stack([v[i] if tuple(v[i].shape) == size else torch.nn.functional.interpolate(
+            v[i][None, None], size=size, mode="bilinear")[0, 0] for i in ids]) for m, v in maps.items()}
+        paths += plots.gallery(torch.stack(images), boxes, heat, ids, out, f"gallery_{model}")
+    return paths
 
 
 def make_plots(run: Run) -> dict[str, list[Path]]:

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import InvalidInputError
 from ..methods.base import explain, get_method
-from .base import register_metric
+from .base import MetricResult, MetricSpec, ScoreBatch, register_metric
 
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
@@ -136,6 +136,21 @@ def similarities(original: torch.Tensor, other: torch.Tensor) -> dict[str, np.nd
     }
 
 
+def _score_sanity(spec: MetricSpec, batch: ScoreBatch, params: dict[str, Any]) -> MetricResult:
+    """The runner's scorer: per image and stage one row per similarity (``sanity_spearman_abs`` ...,
+    with ``stage`` and ``layer`` columns); the metric's own value per image is the Spearman
+    similarity of absolute values at the fully randomised (last) stage."""
+    p = {k: v for k, v in params.items() if k not in ("per_image", "method_params")}
+    df = sanity_randomization(batch.model, batch.images, batch.targets, batch.method, per_image=True,
+                              method_params=batch.method_params, **p)
+    rows = [{"index": int(r.image), "metric": f"sanity_{sim}", "value": float(getattr(r, sim)), "stage": int(r.stage),
+             "layer": r.layer} for r in df.itertuples() for sim in ("spearman_abs", "spearman", "ssim")]
+    last = df[df.stage == df.stage.max()].sort_values("image")
+    final = np.full(batch.images.shape[0], np.nan)
+    final[last.image.to_numpy(dtype=int)] = last.spearman_abs.to_numpy(dtype=float)
+    return MetricResult({spec.name: final}, rows=rows)
+
+
 @register_metric(
     "sanity_randomization",
     paper="Adebayo, Gilmer, Muelly, Goodfellow, Hardt, Kim. Sanity Checks for Saliency Maps. NeurIPS 2018",
@@ -146,6 +161,8 @@ def similarities(original: torch.Tensor, other: torch.Tensor) -> dict[str, np.nd
     ranked=False,
     outputs=("sanity_spearman_abs", "sanity_spearman", "sanity_ssim"),
     schedule={"n_images": 8, "methods": ["saliency", "guided_backprop", "gradcam"]},
+    scorer=_score_sanity,
+    constraints={"order": ("cascading", "independent"), "granularity": ("block", "layer"), "seed": ">=0"},
 )
 def sanity_randomization(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor, method: str, *, order: str = "cascading",

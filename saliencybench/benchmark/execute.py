@@ -1,0 +1,369 @@
+"""Running tasks: the per-process context, explain and score tasks, and a unit of both.
+
+:func:`run_unit` runs an explain task and its score tasks together: the heatmaps
+stay in memory between them, are written to the run's heatmap store, and each
+task's rows are written atomically to ``rows/<key>.parquet`` by whichever process
+ran it, so every executor (in process, worker processes, Ray) behaves the same and
+a killed worker loses only the task in flight. Which metrics a score task computes,
+what they consume and how their results become rows come from the metric
+registry: no metric or method is named here.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..errors import NotApplicableError, SaliencyBenchError
+from ..methods.base import collect_notes, explain, get_method
+from ..methods.shared import SharedPasses, pass_requests
+from ..metrics.base import GROUPS, MetricResult, ScoreBatch, get_metric
+from .config import RunConfig
+from .datasets import GroundTruthDataset, Sample, UnreadableImageError, get_dataset
+from .devices import resolve_device
+from .models import ModelBundle, load_model
+from .preprocess import preprocess
+from .provenance import package_versions
+from .store import HeatmapStore, quantise, write_atomic
+from .tasks import Task, Unit, task_params
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+@dataclass
+class Group:
+    """Samples of one shard whose model inputs share one shape: dataset ``indices``, normalised
+    images ``x`` Tensor[b,3,H,W] on the device, ground-truth ``labels`` LongTensor[b], scored samples."""
+
+    indices: list[int]
+    x: torch.Tensor
+    labels: torch.Tensor
+    samples: list[Sample]
+
+
+@dataclass
+class TaskContext:
+    """Builds (once per process) what tasks need from the config: models, data set, device, passes."""
+
+    config: RunConfig
+    run_id: str
+    run_dir: Path | None = None
+    _models: dict[str, ModelBundle] = field(default_factory=dict)
+    _dataset: GroundTruthDataset | None = None
+    _device: torch.device | None = None
+    _prepared: dict[tuple[str, tuple[int, ...]], tuple[list[Group], list[dict[str, Any]]]] = field(default_factory=dict)
+    _shared: tuple[Any, SharedPasses] | None = None
+    _logits: dict[tuple[str, tuple[int, ...]], torch.Tensor] = field(default_factory=dict)
+    explain_allowed: bool = True
+
+    @property
+    def device(self) -> torch.device:
+        if self._device is None:
+            self._device = resolve_device(self.config.device)
+        return self._device
+
+    def model(self, name: str) -> ModelBundle:
+        if name not in self._models:
+            bundle = load_model(name, checkpoint=self.config.checkpoints.get(name))
+            bundle.model.to(self.device)
+            self._models[name] = bundle
+        return self._models[name]
+
+    @property
+    def dataset(self) -> GroundTruthDataset:
+        if self._dataset is None:
+            params = dict(self.config.dataset_params)
+            if self.config.dataset == "synthetic":
+                params.setdefault("n_images", self.config.n_images)
+                params.setdefault("seed", self.config.seed)
+            self._dataset = get_dataset(self.config.dataset, **params)
+        return self._dataset
+
+    def input_size(self, model: str) -> int:
+        return self.config.image_size or self.model(model).input_size
+
+    def prepare(self, model: str, indices: tuple[int, ...]) -> tuple[list[Group], list[dict[str, Any]]]:
+        """The shard's samples preprocessed for ``model``, in groups of one input shape, and the
+        samples that could not be used (``{"index", "error"}``); kept for the last shard."""
+        key = (model, indices)
+        if key not in self._prepared:
+            bundle = self.model(model)
+            crop_pct = float(getattr(bundle.model, "pretrained_cfg", {}).get("crop_pct") or 0.875)
+            size = self.input_size(model)
+            by_shape: dict[tuple[int, ...], list[tuple[int, torch.Tensor, Sample]]] = {}
+            skipped = []
+            for i in indices:
+                try:
+                    img, sample = preprocess(self.dataset[i], size, self.config.preprocess, crop_pct)
+                    by_shape.setdefault(tuple(img.shape), []).append((i, img, sample))
+                except (UnreadableImageError, SaliencyBenchError) as e:
+                    skipped.append({"index": i, "error": str(e)})
+            groups = [Group([i for i, _, _ in m], bundle.normalise(torch.stack([x for _, x, _ in m])).to(self.device),
+                            torch.tensor([s.label for _, _, s in m], device=self.device), [s for _, _, s in m])
+                      for m in by_shape.values()]
+            self._prepared = {key: (groups, skipped)}
+        return self._prepared[key]
+
+    def logits(self, model: str, group: Group) -> torch.Tensor:
+        key = (model, tuple(group.indices))
+        if key not in self._logits:
+            with torch.inference_mode():
+                self._logits = {key: self.model(model).model.eval()(group.x).float()}
+        return self._logits[key]
+
+    def shared_passes(self, model: str, group: Group) -> SharedPasses:
+        """The forward/backward passes the run's methods share on one group (kept for one group)."""
+        key = (model, tuple(group.indices))
+        if self._shared is None or self._shared[0] != key:
+            methods = {m: self.config.method_params_for(m) for m in self.config.methods}
+            self._shared = (key, SharedPasses(self.model(model).model, group.x, group.labels, pass_requests(methods)))
+        return self._shared[1]
+
+    def class_name(self, model: str, label: int) -> str:
+        classes = self.dataset.classes
+        return classes[label] if 0 <= label < len(classes) else str(label)
+
+
+def _base(task: Task, ctx: TaskContext, mparams: dict[str, Any]) -> dict[str, Any]:
+    return {"run_id": ctx.run_id, "dataset": ctx.config.dataset, "model": task.model, "method": task.method,
+            "seed": ctx.config.seed, "versions": _json(package_versions()), "task": task.key,
+            "method_params": _json(mparams), "device": str(ctx.device)}
+
+
+def _sample_fields(ctx: TaskContext, model: str, s: Sample) -> dict[str, Any]:
+    return {"image_id": s.image_id, "class": ctx.class_name(model, s.label), "label": int(s.label)}
+
+
+def method_params(ctx: TaskContext, method: str, size: tuple[int, int]) -> dict[str, Any]:
+    return get_method(method).resolve_params(ctx.config.method_params_for(method), size)
+
+
+@dataclass
+class Heat:
+    """An explain task's heatmaps: dataset index -> Tensor[H,W] (quantised as stored) and image id;
+    ``na``: the reason when the method does not apply to the model (then no maps)."""
+
+    maps: dict[int, torch.Tensor] = field(default_factory=dict)
+    ids: dict[int, str] = field(default_factory=dict)
+    na: str = ""
+
+
+def run_explain(task: Task, ctx: TaskContext) -> tuple[list[dict[str, Any]], Heat]:
+    """Rows of an explain task (predictions, skipped samples, notes, seconds) and its heatmaps."""
+    groups, skipped = ctx.prepare(task.model, task.indices)
+    bundle = ctx.model(task.model)
+    size = ctx.input_size(task.model)
+    rows: list[dict[str, Any]] = []
+    base = _base(task, ctx, method_params(ctx, task.method, (size, size)))
+    for s in skipped:
+        rows.append({**base, "image_id": f"#{s['index']}", "class": "", "label": -1, "metric": "skipped_image",
+                     "value": float("nan"), "metric_params": "{}", "note": s["error"]})
+    heat = Heat()
+    spec = get_method(task.method)
+    applicable = spec.check(bundle.model)
+    reason = "" if applicable.applicable else f"not applicable: {applicable.reason}"
+    for g in groups:
+        mp = method_params(ctx, task.method, tuple(g.x.shape[-2:]))
+        logits = ctx.logits(task.model, g)
+        top5 = logits.topk(min(5, logits.shape[1]), 1).indices
+        t0 = time.perf_counter()
+        note = reason
+        if not heat.na:
+            try:
+                with warnings.catch_warnings(), collect_notes() as notes:
+                    warnings.simplefilter("ignore")
+                    maps = explain(bundle.model, g.x, g.labels, task.method, shared=ctx.shared_passes(task.model, g),
+                                   **mp)
+                note = "; ".join(n for n in (reason, *notes) if n)
+                maps = quantise(maps.cpu(), ctx.config.heatmap_dtype)
+                heat.maps.update(zip(g.indices, maps))
+                heat.ids.update((i, s.image_id) for i, s in zip(g.indices, g.samples))
+            except NotApplicableError as e:
+                heat = Heat(na=f"n/a: {e}")
+        note = heat.na or note
+        seconds = time.perf_counter() - t0
+        for j, s in enumerate(g.samples):
+            pred = int(top5[j, 0])
+            rows.append({**base, "method_params": _json(mp), **_sample_fields(ctx, task.model, s),
+                         "metric": "top1_correct", "value": float(pred == s.label), "metric_params": "{}",
+                         "note": note, "top5_correct": bool((top5[j] == s.label).any()), "predicted": pred,
+                         "predicted_class": ctx.class_name(task.model, pred), "seconds": seconds / len(g.samples)})
+    return rows, heat
+
+
+def _result_rows(result: MetricResult, spec_name: str, g: Group, base: dict[str, Any], params: dict[str, Any],
+                 note: str, seconds: float, fields: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    common = {**base, "metric_params": _json(params), "note": note, "seconds": seconds / max(1, len(g.samples))}
+    stats = result.stats
+    for name, values in result.values.items():
+        vals = np.asarray(values.detach().cpu().float() if isinstance(values, torch.Tensor) else values, dtype=float)
+        for j in range(len(g.samples)):
+            row = {**common, **fields[j], "metric": name, "value": float(vals[j])}
+            if name == spec_name:
+                row.update({k: v[j] for k, v in result.extra.items()})
+                if stats is not None:
+                    row.update(_stats_fields(stats[j]))
+            rows.append(row)
+    for r in result.rows:
+        j = int(r["index"])
+        rows.append({**common, **fields[j], **{k: v for k, v in r.items() if k != "index"}})
+    return rows
+
+
+def _stats_fields(s: np.ndarray) -> dict[str, Any]:
+    s = np.ascontiguousarray(s)
+    return {"stats": s.tobytes(), "stats_shape": list(s.shape), "stats_dtype": str(s.dtype)}
+
+
+def decode_stats(row: pd.Series) -> np.ndarray:
+    """The per-image statistics array of a data-set-level metric's row."""
+    return np.frombuffer(row["stats"], dtype=row["stats_dtype"]).reshape(row["stats_shape"])
+
+
+def _score_group(task: Task, ctx: TaskContext, g: Group, heat: Heat,
+                 params: dict[str, dict[str, Any]]) -> dict[str, MetricResult]:
+    """The result of each metric of the task on one group (group metrics through their shared scorer)."""
+    bundle = ctx.model(task.model)
+    size = tuple(g.x.shape[-2:])
+    batch = ScoreBatch(bundle.model, g.x, g.labels, torch.stack([heat.maps[i] for i in g.indices]).to(ctx.device),
+                       [s.mask for s in g.samples], [s.boxes for s in g.samples], g.labels,
+                       ctx.logits(task.model, g), task.method, method_params(ctx, task.method, size),
+                       ctx.config.seed, len(ctx.dataset.classes))
+    specs = {m: get_metric(m) for m in task.metrics}
+    group = specs[task.metrics[0]].group
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if group is not None and group in GROUPS:
+            resolved = {m: specs[m].resolve_params(params[m], size) for m in task.metrics}
+            out = GROUPS[group](batch, resolved)
+            for m, r in out.items():
+                r.params = {**resolved[m], **r.params}
+            return {m: out[m] for m in task.metrics}
+        return {m: specs[m].score(batch, params[m]) for m in task.metrics}
+
+
+def _group_rows(task: Task, ctx: TaskContext, g: Group, heat: Heat, params: dict[str, dict[str, Any]],
+                base: dict[str, Any]) -> list[dict[str, Any]]:
+    fields = [_sample_fields(ctx, task.model, s) for s in g.samples]
+    if heat.na:
+        return [{**base, **f, "metric": m, "value": float("nan"), "metric_params": _json(params[m]),
+                 "metric_config": _json(params[m]), "note": heat.na} for m in task.metrics for f in fields]
+    t0 = time.perf_counter()
+    results = _score_group(task, ctx, g, heat, params)
+    seconds = (time.perf_counter() - t0) / len(task.metrics)
+    rows = []
+    for m, res in results.items():
+        new = _result_rows(res, m, g, base, res.params, "", seconds, fields)
+        for r in new:
+            r["metric_config"] = _json(params[m])
+        rows += new
+    return rows
+
+
+def run_score(task: Task, ctx: TaskContext, heat: Heat) -> list[dict[str, Any]]:
+    """Rows of a score task from the heatmaps of its explain task (NaN rows with the reason where the
+    method does not apply). A metric that refuses some samples (e.g. an empty mask) is rerun per sample,
+    and only the refused samples get NaN rows naming the problem: one sample never aborts a run."""
+    groups, _ = ctx.prepare(task.model, task.indices)
+    params = task_params(task)
+    rows: list[dict[str, Any]] = []
+    for g in groups:
+        base = _base(task, ctx, method_params(ctx, task.method, tuple(g.x.shape[-2:])))
+        try:
+            rows += _group_rows(task, ctx, g, heat, params, base)
+        except SaliencyBenchError:
+            for j, i in enumerate(g.indices):
+                one = Group([i], g.x[j : j + 1], g.labels[j : j + 1], [g.samples[j]])
+                try:
+                    rows += _group_rows(task, ctx, one, heat, params, base)
+                except SaliencyBenchError as e:
+                    rows += [{**base, **_sample_fields(ctx, task.model, g.samples[j]), "metric": m,
+                              "value": float("nan"), "metric_params": _json(params[m]),
+                              "metric_config": _json(params[m]), "note": f"skipped: {e}"}
+                             for m in task.metrics]
+    return rows
+
+
+def _write_rows(rows: list[dict[str, Any]], path: Path) -> None:
+    buf = io.BytesIO()
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        frame = pd.DataFrame({"metric": pd.Series([], dtype=str)})
+    frame.to_parquet(buf, index=False)
+    write_atomic(path, buf.getvalue())
+
+
+@dataclass
+class TaskDone:
+    """What a finished task reports back to the driver (rows and heatmaps are already on disk)."""
+
+    key: str
+    label: str
+    rows: int
+    seconds: float
+
+
+def stored_heat(task: Task, ctx: TaskContext) -> Heat | None:
+    """The explain task's heatmaps read from the store, or None if they are not stored."""
+    store = HeatmapStore(ctx.run_dir)
+    if not store.has(task.key):
+        return None
+    ids, maps, meta = store.read(task.key)
+    if meta.get("not_applicable"):
+        return Heat(na=meta["not_applicable"])
+    index = json.loads(meta["indices"])
+    return Heat(dict(zip(index, maps)), dict(zip(index, ids)))
+
+
+def write_heat(task: Task, ctx: TaskContext, heat: Heat) -> None:
+    """Store an explain task's heatmaps (or its n/a reason) in the run's heatmap store."""
+    order = sorted(heat.maps)
+    size = ctx.input_size(task.model)
+    meta = {"model": task.model, "method": task.method, "indices": order,
+            "method_params": method_params(ctx, task.method, (size, size))}
+    if heat.na:
+        meta["not_applicable"] = heat.na
+    HeatmapStore(ctx.run_dir).write(task.key, [heat.ids[i] for i in order], [heat.maps[i] for i in order],
+                                    ctx.config.heatmap_dtype, meta)
+
+
+def run_unit(unit: Unit, ctx: TaskContext, done: set[str]) -> list[TaskDone]:
+    """Run the tasks of ``unit`` not in ``done``; write their rows (and heatmaps) under ``ctx.run_dir``.
+    An explain task already done is not rerun when its heatmaps are in the store."""
+    assert ctx.run_dir is not None
+    rows_dir = ctx.run_dir / "rows"
+    todo_scores = [t for t in unit.scores if t.key not in done]
+    if unit.explain.key in done and not todo_scores:
+        return []
+    reports = []
+    heat = stored_heat(unit.explain, ctx) if unit.explain.key in done else None
+    if heat is None and not ctx.explain_allowed:
+        raise SaliencyBenchError(
+            f"no stored heatmaps for {unit.explain.label()} (task {unit.explain.key}): the run was made with "
+            "store_heatmaps: false or its heatmaps/ folder was removed; resume the run to recompute them")
+    if heat is None:
+        t0 = time.perf_counter()
+        rows, heat = run_explain(unit.explain, ctx)
+        if ctx.config.store_heatmaps:
+            write_heat(unit.explain, ctx, heat)
+        if unit.explain.key not in done:
+            _write_rows(rows, rows_dir / f"{unit.explain.key}.parquet")
+            reports.append(TaskDone(unit.explain.key, unit.explain.label(), len(rows), time.perf_counter() - t0))
+    for t in todo_scores:
+        t0 = time.perf_counter()
+        rows = run_score(t, ctx, heat)
+        _write_rows(rows, rows_dir / f"{t.key}.parquet")
+        reports.append(TaskDone(t.key, t.label(), len(rows), time.perf_counter() - t0))
+    return reports

@@ -1,0 +1,115 @@
+"""Executors: who runs the units of a run (an explain task and its score tasks).
+
+Every executor calls :func:`~.execute.run_unit`, which writes the rows and heatmaps
+of each finished task into the run directory itself, and yields what finished, so
+the driver only tracks progress. ``InProcessExecutor`` runs units one after another;
+``ProcessExecutor`` runs them in spawned worker processes that build their own
+models and data set from the config (the plug-ins are imported in every worker).
+A worker that dies (killed, out of memory) loses only the units it had in flight:
+the pool is restarted and those units run again, up to ``max_restarts`` times.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from ..errors import SaliencyBenchError
+from .config import config_from_dict
+from .execute import TaskContext, TaskDone, run_unit
+from .tasks import Unit
+
+
+class Executor(Protocol):
+    """Runs units; yields the tasks each unit finished (already written to the run directory)."""
+
+    def map(self, units: list[Unit], ctx: TaskContext, done: set[str]) -> Iterator[list[TaskDone]]: ...
+
+
+class LostWorkerError(SaliencyBenchError):
+    """A worker process died and the pool could not be restarted often enough."""
+
+
+class InProcessExecutor:
+    """Runs units one after another in this process (the default executor)."""
+
+    def map(self, units: list[Unit], ctx: TaskContext, done: set[str]) -> Iterator[list[TaskDone]]:
+        for unit in units:
+            yield run_unit(unit, ctx, done)
+
+
+_WORKER: TaskContext | None = None
+
+
+def _start_worker(config: dict[str, Any], run_id: str, run_dir: str, threads: int) -> None:
+    global _WORKER
+    torch.set_num_threads(threads)
+    cfg = config_from_dict(config)
+    from .plugins import load_plugins
+
+    load_plugins(cfg.plugins)
+    _WORKER = TaskContext(cfg, run_id, Path(run_dir))
+
+
+def _run_in_worker(unit: Unit, done: set[str]) -> list[TaskDone]:
+    assert _WORKER is not None, "worker not started"
+    return run_unit(unit, _WORKER, done)
+
+
+class ProcessExecutor:
+    """Runs units in ``workers`` spawned processes, each with ``threads`` torch threads.
+
+    Only the config and the units cross the process boundary. Shared passes are kept
+    per process. Default models are trained (or loaded) in the parent first, so
+    workers only read the cache.
+    """
+
+    def __init__(self, workers: int = 2, threads: int = 1, max_restarts: int = 3) -> None:
+        for name, v in (("workers", workers), ("threads", threads)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise SaliencyBenchError(f"{name} must be an integer >= 1, got {v!r}")
+        self.workers, self.threads, self.max_restarts = workers, threads, max_restarts
+        self.restarts = 0
+
+    def map(self, units: list[Unit], ctx: TaskContext, done: set[str]) -> Iterator[list[TaskDone]]:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures.process import BrokenProcessPool
+
+        for name in {u.explain.model for u in units}:
+            ctx.model(name)
+        pending = list(range(len(units)))
+        finished: set[int] = set()
+        while pending:
+            pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"), initializer=_start_worker,
+                                       initargs=(ctx.config.to_dict(), ctx.run_id, str(ctx.run_dir), self.threads))
+            futures = {pool.submit(_run_in_worker, units[i], done): i for i in pending}
+            try:
+                for future in as_completed(futures):
+                    finished.add(futures[future])
+                    yield future.result()
+                pending = []
+            except BrokenProcessPool:
+                lost = [i for i in pending if i not in finished]
+                self.restarts += 1
+                if self.restarts > self.max_restarts:
+                    raise LostWorkerError(
+                        f"a worker process died {self.restarts} times (killed or out of memory); {len(lost)} units "
+                        f"were not finished. Rows already computed are kept: continue with "
+                        f"`saliencybench run --resume {ctx.run_dir}`") from None
+                warnings.warn(f"a worker process died (killed or out of memory); restarting the pool and rerunning "
+                              f"the {len(lost)} unfinished units (restart {self.restarts} of {self.max_restarts})",
+                              RuntimeWarning, stacklevel=2)
+                pending = lost
+                done = done | _finished_keys(ctx)
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _finished_keys(ctx: TaskContext) -> set[str]:
+    assert ctx.run_dir is not None
+    return {p.stem for p in (ctx.run_dir / "rows").glob("*.parquet")}
