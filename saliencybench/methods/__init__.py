@@ -1,10 +1,10 @@
 """Explanation methods. Each module registers its methods with ``@register_method``."""
 
-from . import baselines, cam, gradient, perturbation, shared
+from . import baselines, cam, gradient, noise, perturbation, shared
 from .base import Applicability, MethodSpec, explain, get_method, list_methods, register_method
 from .shared import SharedPasses, explain_many
 
 __all__ = [
     "Applicability", "MethodSpec", "explain", "get_method", "list_methods", "register_method",
-    "baselines", "cam", "gradient", "perturbation", "shared", "SharedPasses", "explain_many",
+    "baselines", "cam", "gradient", "noise", "perturbation", "shared", "SharedPasses", "explain_many",
 ]

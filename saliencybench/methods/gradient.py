@@ -1,22 +1,86 @@
-"""Input-gradient methods: saliency, guided backprop, Integrated Gradients, SmoothGrad.
+"""Input-gradient methods: saliency, input x gradient, guided backprop, deconvnet, Integrated Gradients.
 
-All share :func:`input_gradients` (one batched forward and backward pass) and
-reduce the 3 input channels of the attribution to a heatmap with
-:func:`~saliencybench.methods.base.reduce_channels` (default: max of absolute
-values, Simonyan et al. 2014).
+All share :func:`input_gradients` (one batched forward and backward pass). The
+signed attribution ``A[B,3,H,W]`` of a method becomes a heatmap with
+:func:`attribution_map`: the ``sign`` and ``reduce`` options (default: max over
+channels of |A|, Simonyan et al. 2014). The noisy-sample methods (SmoothGrad,
+SmoothGrad-Squared, VarGrad) build on these in :mod:`.noise`.
+
+Guided backprop and deconvnet change the backward rule of the model's ReLU-family
+modules (``nn.ReLU``, ``nn.ReLU6`` and their subclasses, which is what timm's
+activation factory builds for ``relu``/``relu6``); :func:`guided_rule_modules`
+tells which, and each call leaves a note listing them (:func:`~.base.add_note`).
 """
 
 from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..errors import InvalidInputError, NotGuidedRuleWarning
-from ..modelutil import RELU_TYPES, GuardState, non_relu_activations, target_score
-from .base import Applicability, batch_slices, generator, reduce_channels, register_method, warn_not_applicable
+from ..modelutil import RELU_TYPES, SCORES, activation_modules, non_relu_activations, target_score
+from .base import (REDUCTIONS, Applicability, add_note, batch_slices, reduce_channels, register_method,
+                   warn_not_applicable)
 from .shared import GradientPass, PassNeeds, derives_from_pass
 
+SIGNS = ("abs", "signed", "positive")
+MAGNITUDE_REDUCTIONS = ("max_abs", "sum_abs", "l2")
+PATH_RULES = ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle")
+
+# Parameter checks shared by the gradient methods (checked with the config, before any pass).
+SIGN_CONSTRAINTS = {"sign": (None, *SIGNS), "reduce": (None, *REDUCTIONS), "score": SCORES, "batch_size": ">=1"}
+
+
+# ---- sign and channel reduction -------------------------------------------------------------
+
+def resolve_sign(sign: str | None, reduce: str | None) -> tuple[str, str]:
+    """The ``(sign, reduce)`` a heatmap is made with; contradictory pairs raise :class:`InvalidInputError`.
+
+    ``reduce`` alone (``sign=None``) works as it always did: ``max_abs`` (the default),
+    ``sum_abs`` and ``l2`` give magnitudes (sign ``abs``), ``sum`` the signed channel sum
+    (sign ``signed``). ``sign`` alone picks its reduction: ``abs`` -> ``max_abs``,
+    ``signed`` and ``positive`` -> ``sum``. Both given must agree: ``abs`` goes with
+    ``max_abs``/``sum_abs``/``l2``; ``signed`` and ``positive`` only with ``sum`` (the one
+    reduction that keeps the sign).
+    """
+    if sign is not None and sign not in SIGNS:
+        raise InvalidInputError(f"unknown sign {sign!r}; use one of {SIGNS} (or None: follow reduce)")
+    if reduce is not None and reduce not in REDUCTIONS:
+        raise InvalidInputError(f"unknown channel reduction {reduce!r}; use one of {REDUCTIONS}")
+    if sign is None:
+        return ("signed" if reduce == "sum" else "abs"), reduce or "max_abs"
+    if sign == "abs":
+        if reduce == "sum":
+            raise InvalidInputError(
+                "sign='abs' contradicts reduce='sum' (the signed channel sum); use sign='abs' with reduce "
+                f"in {MAGNITUDE_REDUCTIONS}, or sign='signed' for the signed sum")
+        return "abs", reduce or "max_abs"
+    if reduce not in (None, "sum"):
+        raise InvalidInputError(
+            f"sign={sign!r} contradicts reduce={reduce!r} (a magnitude, which has no sign); leave reduce "
+            "unset or use reduce='sum', or use sign='abs' for magnitudes")
+    return sign, "sum"
+
+
+def attribution_map(attributions: torch.Tensor, sign: str | None = None, reduce: str | None = None) -> torch.Tensor:
+    """Heatmap Tensor[B,H,W] from signed attributions Tensor[B,3,H,W] (see :func:`resolve_sign`).
+
+    ``abs``: ``reduce`` over channels of |A| (max, sum or Euclidean norm); ``signed``:
+    sum_c A; ``positive``: max(0, sum_c A).
+    """
+    sign, reduce = resolve_sign(sign, reduce)
+    heat = reduce_channels(attributions, reduce)
+    return heat.clamp(min=0) if sign == "positive" else heat
+
+
+# ---- gradients ------------------------------------------------------------------------------
 
 def input_gradients(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor, score: str = "logit", batch_size: int = 64
@@ -35,28 +99,66 @@ def input_gradients(
 
 
 @register_method(
-    "saliency", paper="Simonyan, Vedaldi, Zisserman. Deep Inside Convolutional Networks. ICLR-W 2014", family="gradient"
+    "saliency", paper="Simonyan, Vedaldi, Zisserman. Deep Inside Convolutional Networks. ICLR-W 2014", family="gradient",
+    constraints=SIGN_CONSTRAINTS,
 )
 def saliency(
-    model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, score: str = "logit", reduce: str = "max_abs",
-    batch_size: int = 64,
+    model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, score: str = "logit", sign: str | None = None,
+    reduce: str | None = None, batch_size: int = 64,
 ) -> torch.Tensor:
-    """Vanilla gradient: ``reduce`` over channels of |d score / d input| -> Tensor[B,H,W]."""
-    return reduce_channels(input_gradients(model, images, targets, score, batch_size), reduce)
+    """Vanilla gradient A = d score / d input, as a heatmap Tensor[B,H,W] by ``sign``/``reduce``.
+
+    Default: max over channels of |A| (Simonyan et al.); ``sign="signed"``: sum_c A;
+    ``"positive"``: max(0, sum_c A) (:func:`attribution_map`).
+    """
+    resolve_sign(sign, reduce)
+    return attribution_map(input_gradients(model, images, targets, score, batch_size), sign, reduce)
 
 
-@derives_from_pass("saliency", lambda p: PassNeeds(score=p["score"], input_grads=True))
+def _input_grad_needs(p: dict) -> PassNeeds:
+    return PassNeeds(score=p["score"], input_grads=True)
+
+
+@derives_from_pass("saliency", _input_grad_needs)
 def _saliency_from_pass(gp: GradientPass, model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
                         p: dict) -> torch.Tensor:
-    return reduce_channels(gp.input_grads, p["reduce"])
+    return attribution_map(gp.input_grads, p["sign"], p["reduce"])
 
+
+@register_method(
+    "input_x_gradient",
+    paper="Shrikumar, Greenside, Shcherbina, Kundaje. Not Just a Black Box: Learning Important Features Through "
+    "Propagating Activation Differences. arXiv:1605.01713, 2016",
+    family="gradient",
+    constraints=SIGN_CONSTRAINTS,
+)
+def input_x_gradient(
+    model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, score: str = "logit", sign: str | None = None,
+    reduce: str | None = None, batch_size: int = 64,
+) -> torch.Tensor:
+    """Input x gradient: A = x * d score / d x, elementwise; heatmap Tensor[B,H,W] by ``sign``/``reduce``.
+
+    Equal to ``captum.attr.InputXGradient`` (the attribution before the channel
+    reduction). Default: max over channels of |A|.
+    """
+    resolve_sign(sign, reduce)
+    return attribution_map(images * input_gradients(model, images, targets, score, batch_size), sign, reduce)
+
+
+@derives_from_pass("input_x_gradient", _input_grad_needs)
+def _input_x_gradient_from_pass(gp: GradientPass, model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
+                                p: dict) -> torch.Tensor:
+    return attribution_map(images * gp.input_grads, p["sign"], p["reduce"])
+
+
+# ---- modified backward rules at ReLU-family modules -----------------------------------------
 
 class _GuidedGate(torch.autograd.Function):
     """Identity forward; backward passes only positive gradients (guided backprop rule).
 
     Placed after a ReLU's output, whose own backward already keeps only positions
-    where its forward input was positive, the two together give Springenberg et
-    al.'s rule: grad_in = relu(grad_out) * [x > 0].
+    where its forward input was positive (ReLU6: in (0, 6)), the two together give
+    Springenberg et al.'s rule: grad_in = relu(grad_out) * [x > 0].
     """
 
     @staticmethod
@@ -68,40 +170,128 @@ class _GuidedGate(torch.autograd.Function):
         return grad.clamp(min=0)
 
 
+class _DeconvRule(torch.autograd.Function):
+    """Forward: the module's output ``out``; backward: relu(grad_out) straight to the module's input ``x``.
+
+    Zeiler & Fergus' deconvnet rule ignores the sign of the forward input. A module
+    with an upper cap (ReLU6: ``max_val`` 6) is treated as a ReLU followed by that
+    cap, whose ordinary gradient (zero where the output reached the cap) is kept:
+    grad_in = relu(grad_out) * [out < cap].
+    """
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor, out: torch.Tensor, cap: float) -> torch.Tensor:
+        ctx.capped = math.isfinite(cap)
+        if ctx.capped:
+            ctx.save_for_backward(out < cap)
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        g = grad.clamp(min=0)
+        if ctx.capped:
+            (below,) = ctx.saved_tensors
+            g = g * below
+        return g, None, None
+
+
 def _guided_hook(_m: nn.Module, _inp: object, out: torch.Tensor) -> torch.Tensor:
     return _GuidedGate.apply(out)
 
 
-def guided_applicability(model: nn.Module) -> Applicability:
-    """Guided backprop is defined on ReLU networks; report other activations."""
-    others = non_relu_activations(model)
-    if others:
-        return Applicability(
-            False,
-            f"the model uses {', '.join(others)} activations; the guided rule is applied only at its "
-            "ReLU units, so this is not Springenberg et al.'s guided backprop",
-        )
-    if not any(isinstance(m, RELU_TYPES) for m in model.modules()):
-        return Applicability(False, "the model has no ReLU modules: guided backprop reduces to the plain gradient")
-    return Applicability(True)
+def _deconv_pre_hook(stash: list, _m: nn.Module, args: tuple) -> tuple:
+    # The module computes on a detached alias (in place too): its own backward is never
+    # used; the forward hook links its output to the input.
+    stash.append(args[0])
+    return (args[0].detach(), *args[1:])
+
+
+def _deconv_hook(stash: list, m: nn.Module, _args: object, out: torch.Tensor) -> torch.Tensor:
+    return _DeconvRule.apply(stash.pop(), out, float(getattr(m, "max_val", math.inf)))
+
+
+BACKWARD_RULES = {"guided": "guided_backprop", "deconvnet": "deconvnet"}
+
+
+def guided_rule_modules(model: nn.Module) -> dict[str, int]:
+    """Activation module types at which guided backprop and deconvnet apply their rule, with counts.
+
+    Those are the modules that are ``nn.ReLU`` or ``nn.ReLU6`` (or subclasses), e.g.
+    ``{"ReLU": 17}`` for resnet18, ``{"ReLU6": 35}`` for mobilenetv2_050. Functional
+    ``F.relu`` calls in a forward are not modules and keep the plain gradient.
+    (Captum's GuidedBackprop and Deconvolution apply it at ``nn.ReLU`` only, so on a
+    ReLU6 network they give the plain gradient.)
+    """
+    return dict(sorted(Counter(type(m).__name__ for m in model.modules() if isinstance(m, RELU_TYPES)).items()))
+
+
+def rule_note(model: nn.Module, rule: str) -> str:
+    """``"guided rule applied at: ReLU x14; not at: Hardsigmoid x9, Hardswish x19"``: where ``rule`` acts."""
+    counts = lambda c: ", ".join(f"{k} x{v}" for k, v in sorted(c.items()))  # noqa: E731
+    others = Counter(type(m).__name__ for _, m in activation_modules(model) if not isinstance(m, RELU_TYPES))
+    text = f"{rule} rule applied at: {counts(guided_rule_modules(model)) or 'no module'}"
+    return text + (f"; not at: {counts(others)}" if others else "")
+
+
+def _rule_applicability(rule: str) -> Callable[[nn.Module], Applicability]:
+    method = BACKWARD_RULES[rule]
+
+    def check(model: nn.Module) -> Applicability:
+        """Defined on ReLU networks; other activations keep their plain gradient."""
+        others = non_relu_activations(model)
+        if others:
+            return Applicability(
+                False, f"the model uses {', '.join(others)} activations; the {rule} rule is applied only at its "
+                f"ReLU units, so this is not the paper's {method}")
+        if not any(isinstance(m, RELU_TYPES) for m in model.modules()):
+            return Applicability(False, f"the model has no ReLU modules: {method} reduces to the plain gradient")
+        return Applicability(True)
+
+    return check
+
+
+guided_applicability, deconvnet_applicability = _rule_applicability("guided"), _rule_applicability("deconvnet")
+
+
+@contextmanager
+def backward_rule(model: nn.Module, rule: str) -> Iterator[None]:
+    """Within the block, the model's ReLU-family modules backpropagate by ``rule``.
+
+    ``"guided"``: grad_in = relu(grad_out) * [forward input > 0] (ReLU6: in (0, 6));
+    ``"deconvnet"``: grad_in = relu(grad_out) (ReLU6: * [input < 6]). Forward values are
+    unchanged; works with in-place modules; every hook is removed on exit, also on an
+    exception. Warns (:class:`NotGuidedRuleWarning`) on models with other activations
+    and leaves the note of :func:`rule_note`.
+    """
+    if rule not in BACKWARD_RULES:
+        raise InvalidInputError(f"unknown backward rule {rule!r}; use one of {tuple(BACKWARD_RULES)}")
+    found = _rule_applicability(rule)(model)
+    if not found.applicable:
+        warn_not_applicable(BACKWARD_RULES[rule], found.reason, NotGuidedRuleWarning)
+    add_note(rule_note(model, rule))
+    handles = []
+    try:
+        for m in model.modules():
+            if not isinstance(m, RELU_TYPES):
+                continue
+            if rule == "guided":
+                handles.append(m.register_forward_hook(_guided_hook))
+            else:
+                stash: list = []
+                handles.append(m.register_forward_pre_hook(partial(_deconv_pre_hook, stash)))
+                handles.append(m.register_forward_hook(partial(_deconv_hook, stash)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def guided_gradients(
-    model: nn.Module, images: torch.Tensor, targets: torch.Tensor, score: str, batch_size: int
+    model: nn.Module, images: torch.Tensor, targets: torch.Tensor, score: str, batch_size: int, rule: str = "guided",
 ) -> torch.Tensor:
-    """Input gradients with the guided ReLU backward rule: Tensor[B,3,H,W]."""
-    found = guided_applicability(model)
-    if not found.applicable:
-        warn_not_applicable("guided_backprop", found.reason, NotGuidedRuleWarning)
-    state = GuardState()
-    try:
-        for m in model.modules():
-            if isinstance(m, RELU_TYPES):
-                state.handles.append(m.register_forward_hook(_guided_hook))
+    """Input gradients with a modified ReLU backward ``rule`` (:func:`backward_rule`): Tensor[B,3,H,W]."""
+    with backward_rule(model, rule):
         return input_gradients(model, images, targets, score, batch_size)
-    finally:
-        for h in state.handles:
-            h.remove()
 
 
 @register_method(
@@ -109,20 +299,50 @@ def guided_gradients(
     paper="Springenberg, Dosovitskiy, Brox, Riedmiller. Striving for Simplicity: The All Convolutional Net. ICLR-W 2015",
     family="gradient",
     applicability=guided_applicability,
+    constraints=SIGN_CONSTRAINTS,
 )
 def guided_backprop(
-    model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, score: str = "logit", reduce: str = "max_abs",
-    batch_size: int = 64,
+    model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, score: str = "logit", sign: str | None = None,
+    reduce: str | None = None, batch_size: int = 64,
 ) -> torch.Tensor:
     """Guided backprop: at each ReLU only positive gradients pass where the input was positive.
 
-    Works with in-place ReLUs. On models with non-ReLU activations it still runs
-    (the rule is applied at the ReLUs there are) and warns with
+    The rule acts at ``nn.ReLU`` and ``nn.ReLU6`` modules (ReLU6: where the input was
+    in (0, 6)); Captum acts at ``nn.ReLU`` only, so the two agree on ReLU networks and
+    differ on ReLU6 ones. Works with in-place ReLUs. On models with other activations
+    it still runs (they keep their plain gradient) and warns with
     :class:`~saliencybench.errors.NotGuidedRuleWarning`; the method's
-    ``applicability`` records it. Returns Tensor[B,H,W].
+    ``applicability`` records it, and a note lists the types (:func:`rule_note`).
+    Returns Tensor[B,H,W] by ``sign``/``reduce`` (default max over channels of |A|).
     """
-    return reduce_channels(guided_gradients(model, images, targets, score, batch_size), reduce)
+    resolve_sign(sign, reduce)
+    return attribution_map(guided_gradients(model, images, targets, score, batch_size), sign, reduce)
 
+
+@register_method(
+    "deconvnet",
+    paper="Zeiler, Fergus. Visualizing and Understanding Convolutional Networks. ECCV 2014",
+    family="gradient",
+    applicability=deconvnet_applicability,
+    constraints=SIGN_CONSTRAINTS,
+)
+def deconvnet(
+    model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, score: str = "logit", sign: str | None = None,
+    reduce: str | None = None, batch_size: int = 64,
+) -> torch.Tensor:
+    """Deconvnet: at each ReLU the backward passes only positive gradients, whatever the forward input.
+
+    grad_in = relu(grad_out) at ``nn.ReLU``; at ``nn.ReLU6`` also * [input < 6] (the
+    cap's own gradient). Equal to ``captum.attr.Deconvolution`` on ReLU networks
+    (Captum acts at ``nn.ReLU`` only). Other activations keep their plain gradient
+    (warned, noted, as for :func:`guided_backprop`). Returns Tensor[B,H,W] by
+    ``sign``/``reduce`` (default max over channels of |A|).
+    """
+    resolve_sign(sign, reduce)
+    return attribution_map(guided_gradients(model, images, targets, score, batch_size, "deconvnet"), sign, reduce)
+
+
+# ---- Integrated Gradients -------------------------------------------------------------------
 
 def path_rule(n_steps: int, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Points ``alphas[n]`` in [0,1] and weights ``[n]`` of the path integral's quadrature.
@@ -144,10 +364,7 @@ def path_rule(n_steps: int, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
         return alphas, w
     offsets = {"riemann_left": 0.0, "riemann_right": 1.0, "riemann_middle": 0.5}
     if rule not in offsets:
-        raise InvalidInputError(
-            f"unknown integration rule {rule!r}; use gausslegendre, riemann_trapezoid, riemann_left, "
-            "riemann_right or riemann_middle"
-        )
+        raise InvalidInputError(f"unknown integration rule {rule!r}; use one of {PATH_RULES}")
     alphas = (torch.arange(n_steps, dtype=torch.float64) + offsets[rule]) / n_steps
     return alphas, torch.full((n_steps,), 1 / n_steps, dtype=torch.float64)
 
@@ -156,18 +373,21 @@ def path_rule(n_steps: int, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
     "integrated_gradients",
     paper="Sundararajan, Taly, Yan. Axiomatic Attribution for Deep Networks. ICML 2017",
     family="gradient",
+    constraints={**SIGN_CONSTRAINTS, "n_steps": ">=1", "rule": PATH_RULES},
 )
 def integrated_gradients(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, n_steps: int = 50, rule: str = "gausslegendre",
-    baseline: float = 0.0, score: str = "logit", reduce: str = "max_abs", batch_size: int = 64,
+    baseline: float = 0.0, score: str = "logit", sign: str | None = None, reduce: str | None = None,
+    batch_size: int = 64,
 ) -> torch.Tensor:
     """Integrated Gradients from a constant ``baseline`` (0 in normalised space).
 
     IG_i = (x_i - x'_i) * sum_k w_k dS/dx_i (x' + a_k (x - x')), with the points
     a_k and weights w_k of ``rule`` (Captum's conventions). All steps of all
     images are batched together, ``batch_size`` images per forward. Returns
-    Tensor[B,H,W] after ``reduce`` over channels.
+    Tensor[B,H,W] by ``sign``/``reduce`` (default max over channels of |IG|).
     """
+    resolve_sign(sign, reduce)
     alphas, weights = path_rule(n_steps, rule)
     b = images.shape[0]
     base = torch.full_like(images, float(baseline))
@@ -182,36 +402,4 @@ def integrated_gradients(
         x = base[idx] + a[st].view(-1, 1, 1, 1) * delta[idx]
         g = input_gradients(model, x, targets[idx], score, batch_size)
         total.index_add_(0, idx, g.double() * weights.to(images.device)[st].view(-1, 1, 1, 1))
-    return reduce_channels((delta.double() * total).float(), reduce)
-
-
-@register_method(
-    "smoothgrad",
-    paper="Smilkov, Thorat, Kim, Viegas, Wattenberg. SmoothGrad: removing noise by adding noise. ICML-W 2017",
-    family="gradient",
-)
-def smoothgrad(
-    model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, n_samples: int = 50, noise_level: float = 0.15,
-    seed: int = 0, score: str = "logit", reduce: str = "max_abs", batch_size: int = 64,
-) -> torch.Tensor:
-    """SmoothGrad: mean of the saliency map over ``n_samples`` noisy copies of each image.
-
-    Noise is N(0, sigma^2) with sigma = ``noise_level`` x (max - min) of each image
-    (Smilkov et al.'s 15% of the input range), drawn from a generator seeded with
-    ``seed``. Returns Tensor[B,H,W] = 1/n sum_i reduce(|d S / d x|(x + eps_i)).
-    """
-    if n_samples < 1:
-        raise InvalidInputError(f"n_samples must be >= 1, got {n_samples}")
-    b = images.shape[0]
-    sigma = noise_level * (images.flatten(1).amax(1) - images.flatten(1).amin(1))
-    g = generator(seed)
-    noise = torch.randn((n_samples, *images.shape), generator=g, dtype=images.dtype).to(images.device)
-    heat = torch.zeros(images.shape[0], *images.shape[2:], device=images.device, dtype=torch.float64)
-    jobs_img = torch.arange(b).repeat(n_samples)
-    jobs_sample = torch.arange(n_samples).repeat_interleave(b)
-    for sl in batch_slices(len(jobs_img), batch_size):
-        idx, smp = jobs_img[sl].to(images.device), jobs_sample[sl].to(images.device)
-        x = images[idx] + sigma[idx].view(-1, 1, 1, 1) * noise[smp, idx]
-        m = reduce_channels(input_gradients(model, x, targets[idx], score, batch_size), reduce)
-        heat.index_add_(0, idx, m.double())
-    return (heat / n_samples).float()
+    return attribution_map((delta.double() * total).float(), sign, reduce)

@@ -55,13 +55,14 @@ AUTO_MAX_FLOP_RATIO = 0.6
     needs_grad=False,
     scaled=lambda h, w: dict(zip(("window", "stride"), default_occlusion_window(h, w))),
     constraints={"window": ">=1", "stride": ">=1", "batch_size": ">=1", "score": ("logit", "probability",
-                                                                                 "log_probability")},
+                                                                                 "log_probability"),
+                 "sign": ("signed", "abs", "positive")},
     signed=True,
 )
 def occlusion(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, window: int | None = None,
     stride: int | None = None, baseline: float = 0.0, score: str = "logit", batch_size: int = 64,
-    incremental: bool | None = None,
+    incremental: bool | None = None, sign: str = "signed",
 ) -> torch.Tensor:
     """Occlusion: mean over the windows covering a pixel of score(clean) - score(occluded).
 
@@ -77,7 +78,14 @@ def occlusion(
     passes; ``False``: full forward passes; ``True``: always, raising
     :class:`NotApplicableError` with the reason when impossible. The path taken is
     left as a note (:func:`~.base.collect_notes`; the runner puts it in the rows).
+
+    ``sign``: the map is signed by definition and stays so by default (``"signed"``;
+    negative where occluding raises the score); ``"abs"`` takes its magnitude,
+    ``"positive"`` max(0, map).
     """
+    finish = {"signed": lambda m: m, "abs": torch.abs, "positive": torch.relu}.get(sign)
+    if finish is None:
+        raise InvalidInputError(f"unknown occlusion sign {sign!r}; use 'signed', 'abs' or 'positive'")
     b, _, h, w = images.shape
     dw, ds = default_occlusion_window(h, w)
     window = dw if window is None else int(window)
@@ -98,11 +106,11 @@ def occlusion(
             with fast_inference(model, images):  # planned and run with the norms folded
                 plan = plan_occlusion(model, images, window=window, stride=stride)
                 add_note(plan.note)
-                return run_occlusion_plan(plan, images, targets, **kw)
+                return finish(run_occlusion_plan(plan, images, targets, **kw))
         heat, note = incremental_occlusion(model, images, targets, window=window, stride=stride,
                                            max_flop_ratio=AUTO_MAX_FLOP_RATIO, **kw)
         add_note(note)
-        return heat
+        return finish(heat)
     dev = images.device
     rows = torch.arange(h, device=dev)
     cols = torch.arange(w, device=dev)
@@ -131,7 +139,7 @@ def occlusion(
                 torch.where(mask[seg, None], fill, source[i : i + 1], out=x[seg])
             delta = (clean[img] - target_score(model(x), targets[img], score)).float()
             heat.index_add_(0, img, delta[:, None, None] * mask)
-    return heat / counts
+    return finish(heat / counts)
 
 
 def rise_masks(
