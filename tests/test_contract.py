@@ -11,7 +11,8 @@ from saliencybench.methods.cam import cam_maps, gradcam_maps
 
 from conftest import assert_same_state, make_images, make_model, snapshot
 
-FAST = {"rise": {"n_masks": 16}, "smoothgrad": {"n_samples": 3}, "integrated_gradients": {"n_steps": 4},
+FAST = {"rise": {"n_masks": 16}, "smoothgrad": {"n_samples": 3}, "smoothgrad_sq": {"n_samples": 3},
+        "vargrad": {"n_samples": 3}, "integrated_gradients": {"n_steps": 4},
         "occlusion": {"window": 16, "stride": 16}}
 
 

@@ -89,7 +89,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         get_metric(m)
     for name, params in cfg.method_params.items():
         spec = get_method(name)
-        spec.check_params({k: v for k, v in params.items() if v is not None})
+        spec.resolve_params({k: v for k, v in params.items() if v is not None})  # also cross-parameter checks
     for name, params in cfg.metric_params.items():
         spec = get_metric(name)
         given = {k: v for k, v in params.items() if v is not None}

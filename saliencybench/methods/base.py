@@ -63,7 +63,10 @@ class MethodSpec:
     size (declared ``None`` in the signature, e.g. occlusion's window); the resolved
     value is what a run records. ``constraints``: ranges or choices per parameter,
     checked with the config before any work starts (:func:`~saliencybench.registry.check_params`).
-    ``signed``: whether the default output can be negative.
+    ``signed``: whether the default output can be negative. ``finalise``: turns the
+    resolved parameters into concrete values (e.g. ``sign``/``reduce`` left ``None`` into
+    the pair they mean) and raises on contradictory combinations, so what a run records
+    is what ran.
     """
 
     name: str
@@ -79,6 +82,7 @@ class MethodSpec:
     scaled: Callable[[int, int], dict[str, Any]] | None = None
     constraints: dict[str, Constraint] = field(default_factory=dict)
     signed: bool = False
+    finalise: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
     def check(self, model: nn.Module) -> Applicability:
         """Tell whether the method applies to ``model`` (it may still run when not)."""
@@ -97,7 +101,7 @@ class MethodSpec:
         for k, v in params.items():
             if not (v is None and k in scaled):  # None asks for the image-size default
                 resolved[k] = v
-        return resolved
+        return self.finalise(resolved) if self.finalise is not None else resolved
 
 
 METHODS: Registry[MethodSpec] = Registry("method")
@@ -113,6 +117,7 @@ def register_method(
     scaled: Callable[[int, int], dict[str, Any]] | None = None,
     constraints: dict[str, Constraint] | None = None,
     signed: bool = False,
+    finalise: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
     """Decorator registering ``fn`` as method ``name`` with its paper and family (see :class:`MethodSpec`)."""
 
@@ -121,7 +126,7 @@ def register_method(
         METHODS.add(
             name,
             MethodSpec(name, fn, paper, family, keyword_defaults(fn), needs_grad, applicability, summary,
-                       scaled=scaled, constraints=dict(constraints or {}), signed=signed),
+                       scaled=scaled, constraints=dict(constraints or {}), signed=signed, finalise=finalise),
         )
         return fn
 

@@ -69,6 +69,14 @@ def resolve_sign(sign: str | None, reduce: str | None) -> tuple[str, str]:
     return sign, "sum"
 
 
+def concrete_sign(params: dict) -> dict:
+    """``params`` with ``sign`` and ``reduce`` made concrete by :func:`resolve_sign` (a method's ``finalise``)."""
+    if "sign" not in params:
+        return params
+    sign, reduce = resolve_sign(params.get("sign"), params.get("reduce"))
+    return {**params, "sign": sign, "reduce": reduce}
+
+
 def attribution_map(attributions: torch.Tensor, sign: str | None = None, reduce: str | None = None) -> torch.Tensor:
     """Heatmap Tensor[B,H,W] from signed attributions Tensor[B,3,H,W] (see :func:`resolve_sign`).
 
@@ -101,6 +109,7 @@ def input_gradients(
 @register_method(
     "saliency", paper="Simonyan, Vedaldi, Zisserman. Deep Inside Convolutional Networks. ICLR-W 2014", family="gradient",
     constraints=SIGN_CONSTRAINTS,
+    finalise=concrete_sign,
 )
 def saliency(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, score: str = "logit", sign: str | None = None,
@@ -131,6 +140,7 @@ def _saliency_from_pass(gp: GradientPass, model: nn.Module, images: torch.Tensor
     "Propagating Activation Differences. arXiv:1605.01713, 2016",
     family="gradient",
     constraints=SIGN_CONSTRAINTS,
+    finalise=concrete_sign,
 )
 def input_x_gradient(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, score: str = "logit", sign: str | None = None,
@@ -300,6 +310,7 @@ def guided_gradients(
     family="gradient",
     applicability=guided_applicability,
     constraints=SIGN_CONSTRAINTS,
+    finalise=concrete_sign,
 )
 def guided_backprop(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, score: str = "logit", sign: str | None = None,
@@ -325,6 +336,7 @@ def guided_backprop(
     family="gradient",
     applicability=deconvnet_applicability,
     constraints=SIGN_CONSTRAINTS,
+    finalise=concrete_sign,
 )
 def deconvnet(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, score: str = "logit", sign: str | None = None,
@@ -374,6 +386,7 @@ def path_rule(n_steps: int, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
     paper="Sundararajan, Taly, Yan. Axiomatic Attribution for Deep Networks. ICML 2017",
     family="gradient",
     constraints={**SIGN_CONSTRAINTS, "n_steps": ">=1", "rule": PATH_RULES},
+    finalise=concrete_sign,
 )
 def integrated_gradients(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, n_steps: int = 50, rule: str = "gausslegendre",

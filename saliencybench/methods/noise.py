@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .base import REDUCTIONS, batch_slices, generator, reduce_channels, register_method
-from .gradient import SIGN_CONSTRAINTS, input_gradients, resolve_sign
+from .gradient import SIGN_CONSTRAINTS, concrete_sign, input_gradients, resolve_sign
 
 NOISE_CONSTRAINTS = {**SIGN_CONSTRAINTS, "n_samples": ">=1", "noise_level": ">0"}
 MOMENT_CONSTRAINTS = {**NOISE_CONSTRAINTS, "reduce": REDUCTIONS}
@@ -71,6 +71,7 @@ def noisy_gradient_mean(
     paper="Smilkov, Thorat, Kim, Viegas, Wattenberg. SmoothGrad: removing noise by adding noise. ICML-W 2017",
     family="gradient",
     constraints=NOISE_CONSTRAINTS,
+    finalise=concrete_sign,
 )
 def smoothgrad(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, n_samples: int = 50, noise_level: float = 0.15,
@@ -96,6 +97,7 @@ def smoothgrad(
     "NeurIPS 2019 (SmoothGrad-Squared)",
     family="gradient",
     constraints=MOMENT_CONSTRAINTS,
+    finalise=concrete_sign,
 )
 def smoothgrad_sq(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, n_samples: int = 50, noise_level: float = 0.15,
@@ -120,6 +122,7 @@ def smoothgrad_sq(
     "to Parameter Values. ICLR-W 2018",
     family="gradient",
     constraints=MOMENT_CONSTRAINTS,
+    finalise=concrete_sign,
 )
 def vargrad(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, n_samples: int = 50, noise_level: float = 0.15,
