@@ -144,13 +144,14 @@ def get_method(name: str) -> MethodSpec:
 
 
 def explain(
-    model: nn.Module, images: torch.Tensor, targets: torch.Tensor | list[int] | int, method: str = "gradcam", *,
+    model: nn.Module, images: torch.Tensor, targets: torch.Tensor | list[int] | int | None, method: str = "gradcam", *,
     shared: Any = None, **params: Any
 ) -> torch.Tensor:
     """Explain ``model``'s target scores on ``images`` with a registered method.
 
     images: float Tensor[B,3,H,W], already normalised for the model.
-    targets: LongTensor[B] of class indices (an int applies to every image).
+    targets: LongTensor[B] of class indices (an int applies to every image; ``None``:
+    the model's top-1 prediction for each image).
     Returns float32 Tensor[B,H,W] at the input resolution on ``images.device``,
     not normalised. The model is left exactly as it was found.
     ``shared``: a :class:`~saliencybench.methods.shared.SharedPasses` built on these
@@ -159,6 +160,9 @@ def explain(
     """
     spec = get_method(method)
     images = check_images(images)
+    if targets is None:  # the model's top-1 predictions, as Captum and pytorch-grad-cam allow
+        with model_guard(model), torch.no_grad():
+            targets = model(images).argmax(1)
     targets = check_targets(targets, images.shape[0], num_classes(model)).to(images.device)
     resolved = spec.resolve_params(params, tuple(images.shape[-2:]))
     with model_guard(model):

@@ -5,7 +5,8 @@ images, targets, heatmaps)``) registered with :func:`register_metric` and the
 metadata the runner, the leaderboard and the report need, so that none of them
 names a metric:
 
-- ``inputs``: what it consumes, a tuple of kinds: ``"model"`` (model, normalised
+- ``inputs``: what it consumes, a tuple of kinds: ``"heatmaps"`` (the maps alone, at the
+  input resolution: complexity metrics), ``"model"`` (model, normalised
   images, targets and heatmaps at the model's input resolution), ``"masks"`` /
   ``"boxes"`` (heatmaps at the ground truth's resolution and the ground truth),
   ``"method"`` (it calls the explanation method again: sanity and robustness
@@ -48,7 +49,7 @@ from torch import nn
 from ..errors import InvalidInputError
 from ..registry import Constraint, Registry, check_params, keyword_defaults
 
-METRIC_INPUTS = ("model", "masks", "boxes", "method", "labels")
+METRIC_INPUTS = ("heatmaps", "model", "masks", "boxes", "method", "labels")
 CRITERIA = ("faithfulness", "localisation", "randomisation", "robustness", "complexity", "model_use")
 HEATMAP_FORMS = ("as_is", "abs", "positive")
 LEVELS = ("image", "dataset")
@@ -236,8 +237,11 @@ def _default_scorer(spec: MetricSpec, batch: ScoreBatch, p: dict[str, Any]) -> M
     fn = spec.stats if spec.level == "dataset" and spec.stats is not None else spec.fn
     inputs = set(spec.inputs)
     if "method" in inputs:
+        p = {k: v for k, v in p.items() if k != "method_params"}
         out = fn(batch.model, batch.images, batch.targets, batch.method, method_params=batch.method_params, **p)
         return _wrap(spec, out)
+    if inputs == {"heatmaps"}:
+        return _wrap(spec, fn(heatmap_form(batch.heatmaps, spec.heatmap), **p))
     if "model" in inputs:
         out = fn(batch.model, batch.images, batch.targets, heatmap_form(batch.heatmaps, spec.heatmap), **p)
         return _wrap(spec, out)
