@@ -15,7 +15,7 @@ from skimage.metrics import structural_similarity
 from torch import nn
 
 from saliencybench.errors import ConstantHeatmapWarning, InvalidInputError, NotApplicableError, UnknownNameError
-from saliencybench.methods.base import explain, register_method
+from saliencybench.methods.base import METHODS, explain, register_method
 from saliencybench.metrics.base import ScoreBatch, get_metric
 from saliencybench.metrics.complexity import complexity, sparseness
 from saliencybench.metrics.grid_pointing import grid_pointing_game, make_mosaics, plan_mosaics
@@ -364,7 +364,6 @@ class ValueClassifier(nn.Module):
         return -((m - torch.arange(1, 7, dtype=x.dtype)) ** 2)
 
 
-@register_method("test_grid_oracle", paper="test oracle", family="test", needs_grad=False)
 def _grid_oracle(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """3 on the target's cell (pixel value t + 1), 1 on cells of lower classes, -2 on higher ones."""
     v = images[:, 0]
@@ -372,19 +371,29 @@ def _grid_oracle(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) 
     return torch.where((v - own).abs() < 0.5, 3.0, torch.where(v < own, 1.0, -2.0))
 
 
+@pytest.fixture()
+def oracle():
+    """The oracle registered as a method for the test only (other test files list every method)."""
+    register_method("test_grid_oracle", paper="test oracle", family="baseline", needs_grad=False)(_grid_oracle)
+    try:
+        yield "test_grid_oracle"
+    finally:
+        METHODS.entries.pop("test_grid_oracle")
+
+
 def _class_images(classes: list[int], size: int = 16) -> torch.Tensor:
     return torch.stack([torch.full((3, size, size), float(k + 1)) for k in classes]).double()
 
 
 @pytest.mark.parametrize("cell", ["half", "full"])
-def test_grid_pointing_game_oracle_hand_computed(cell):
+def test_grid_pointing_game_oracle_hand_computed(cell, oracle):
     """Share of an image's cell = 3 / (3 + number of lower classes in its mosaic)."""
     labels = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1, 2, 5, 3, 4])
     images = _class_images(labels.tolist())
     labels_wrong = labels.clone()
     labels_wrong[11] = 2  # image 11 shows class 4 but is labelled 2: misclassified
     for repeats in (1, 3):
-        got = grid_pointing_game(ValueClassifier(), images, labels_wrong, "test_grid_oracle", cell=cell,
+        got = grid_pointing_game(ValueClassifier(), images, labels_wrong, oracle, cell=cell,
                                  repeats=repeats, seed=7)
         eligible = torch.ones(12, dtype=torch.bool)
         eligible[11] = False
@@ -401,7 +410,7 @@ def test_grid_pointing_game_oracle_hand_computed(cell):
         assert torch.allclose(got, expected, equal_nan=True), (cell, repeats, got, expected)
         assert math.isnan(float(got[11]))
     # without the confidence filter the misclassified image takes part, explained for its label 2
-    got = grid_pointing_game(ValueClassifier(), images, labels_wrong, "test_grid_oracle", confident_only=False,
+    got = grid_pointing_game(ValueClassifier(), images, labels_wrong, oracle, confident_only=False,
                              cell=cell, repeats=3, seed=7)
     assert not math.isnan(float(got[11]))
 
@@ -416,15 +425,15 @@ def test_grid_mosaic_layout_and_sizes():
     half = make_mosaics(images, plan, "half")
     assert half.shape == (1, 3, 16, 16)
     small = torch.nn.functional.interpolate(images, size=(8, 8), mode="bilinear", antialias=True)
-    assert torch.allclose(half[0, :, 8:, 16 // 2:], small[1])
+    assert torch.allclose(half[0, :, 8:, 8:], small[1]) and torch.allclose(half[0, :, :8, :8], small[2])
     with pytest.raises(InvalidInputError, match="even"):
         make_mosaics(make_images(4, 15), plan, "half")
 
 
-def test_grid_pointing_game_needs_four_classes_and_real_models(net):
+def test_grid_pointing_game_needs_four_classes_and_real_models(net, oracle):
     images = _class_images([0, 1, 2, 0, 1, 2])
     with pytest.warns(UserWarning, match="no 2x2 mosaic"):
-        got = grid_pointing_game(ValueClassifier(), images, torch.tensor([0, 1, 2, 0, 1, 2]), "test_grid_oracle")
+        got = grid_pointing_game(ValueClassifier(), images, torch.tensor([0, 1, 2, 0, 1, 2]), oracle)
     assert torch.isnan(got).all()
     xx, labels = make_images(8, 32), torch.arange(8) % 5
     before = snapshot(net)

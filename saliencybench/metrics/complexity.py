@@ -13,7 +13,8 @@ no loop over pixels.
 An all-zero map has no distribution of mass: it is scored as a constant map (the least
 concentrated one): sparseness 0 and complexity log(n), the worst values, so a method cannot
 gain by returning nothing; a :class:`~saliencybench.errors.ConstantHeatmapWarning` names the
-samples. (Quantus: sparseness 0, through its +1e-7; complexity NaN, from 0/0.) NaN or infinite
+samples. (Quantus refuses a batch whose maps are all zero with an AssertionError; an all-zero map
+in a batch with others gets sparseness 0, through its +1e-7, and complexity NaN, from 0/0.) NaN or infinite
 maps are an :class:`~saliencybench.errors.InvalidInputError`.
 """
 

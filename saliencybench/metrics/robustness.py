@@ -9,7 +9,9 @@ perturbation of every image is explained in one :func:`~saliencybench.methods.ba
 call on the stacked batch (image-major: image i's k-th copy is row ``i * n_samples + k``,
 the order of Captum's ``repeat_interleave``; the method batches internally). The
 explanation of the clean image is the run's heatmap when one is given (the scorers pass
-``ScoreBatch.heatmaps``), so no clean pass is repeated. Lower is better for all three.
+``ScoreBatch.heatmaps``), so no clean pass is repeated. Lower is better for all three. A run
+scores them on its first 32 images by default (``n_images``: each image costs ``n_samples``
+explanations).
 """
 
 from __future__ import annotations
