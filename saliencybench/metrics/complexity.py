@@ -5,8 +5,7 @@
 - :func:`complexity`: the Shannon entropy of the normalised map (Bhatt, Weller, Moura.
   Evaluating and Aggregating Feature-based Model Explanations. IJCAI 2020), lower is better.
 
-Both need only the heatmaps: their scorer ignores the model and images (``inputs="model"``
-is the kind whose batch carries heatmaps at the input resolution). Both take absolute
+Both need only the heatmaps (``inputs="heatmaps"``, at the input resolution). Both take absolute
 values (``heatmap="abs"``, as Quantus' ``abs=True``). One sort or one sum per map, batched;
 no loop over pixels.
 
@@ -63,7 +62,7 @@ def _heatmap_scorer(spec: MetricSpec, batch: ScoreBatch, p: dict[str, Any]) -> M
     "sparseness",
     paper="Chalasani, Chen, Chowdhury, Wu, Jha. Concise Explanations of Neural Networks using Adversarial Training. "
     "ICML 2020 (Gini index; as Quantus' Sparseness)",
-    higher_is_better=True, inputs="model", criterion="complexity", heatmap="abs", constraints={"eps": ">=0"},
+    higher_is_better=True, inputs="heatmaps", criterion="complexity", heatmap="abs", constraints={"eps": ">=0"},
     scorer=_heatmap_scorer,
 )
 def sparseness(heatmaps: torch.Tensor, *, eps: float = 1e-7) -> torch.Tensor:
@@ -92,7 +91,7 @@ def sparseness(heatmaps: torch.Tensor, *, eps: float = 1e-7) -> torch.Tensor:
     "complexity",
     paper="Bhatt, Weller, Moura. Evaluating and Aggregating Feature-based Model Explanations. IJCAI 2020 "
     "(entropy of the normalised absolute map; as Quantus' Complexity)",
-    higher_is_better=False, inputs="model", criterion="complexity", heatmap="abs", value_range=(0.0, math.inf),
+    higher_is_better=False, inputs="heatmaps", criterion="complexity", heatmap="abs", value_range=(0.0, math.inf),
     unit="nats", scorer=_heatmap_scorer,
 )
 def complexity(heatmaps: torch.Tensor) -> torch.Tensor:
