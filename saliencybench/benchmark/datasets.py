@@ -65,10 +65,13 @@ class GroundTruthDataset(Sequence[Sample]):
 
 
 def boxes_mask(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Union of boxes Tensor[n,4] (x2, y2 exclusive) as a bool mask Tensor[H,W]."""
+    """Union of boxes Tensor[n,4] (x2, y2 exclusive) as a bool mask Tensor[H,W]: every pixel a box
+    overlaps (so a box smaller than a pixel still marks one)."""
     mask = torch.zeros(height, width, dtype=torch.bool)
-    for x1, y1, x2, y2 in boxes.round().long().tolist():
-        mask[max(y1, 0) : min(y2, height), max(x1, 0) : min(x2, width)] = True
+    for x1, y1, x2, y2 in boxes.tolist():
+        r0, c0 = max(math.floor(y1), 0), max(math.floor(x1), 0)
+        r1, c1 = min(max(math.ceil(y2), r0 + 1), height), min(max(math.ceil(x2), c0 + 1), width)
+        mask[r0:r1, c0:c1] = True
     return mask
 
 

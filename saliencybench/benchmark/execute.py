@@ -15,6 +15,8 @@ import io
 import json
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ import pandas as pd
 import torch
 
 from ..errors import NotApplicableError, SaliencyBenchError
-from ..methods.base import collect_notes, explain, get_method
+from ..methods.base import collect_notes, explain, get_method, progress_to
 from ..methods.shared import SharedPasses, pass_requests
 from ..metrics.base import GROUPS, MetricResult, ScoreBatch, get_metric
 from .config import RunConfig
@@ -66,6 +68,7 @@ class TaskContext:
     _shared: tuple[Any, SharedPasses] | None = None
     _logits: dict[tuple[str, tuple[int, ...]], torch.Tensor] = field(default_factory=dict)
     explain_allowed: bool = True
+    inner_progress: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -135,6 +138,33 @@ class TaskContext:
         return classes[label] if 0 <= label < len(classes) else str(label)
 
 
+@contextmanager
+def inner_bar(ctx: TaskContext, label: str) -> Iterator[None]:
+    """An inner progress bar over the batches of one long method or metric call (in-process runs only)."""
+    if not ctx.inner_progress:
+        yield
+        return
+    from tqdm.auto import tqdm
+
+    bars: list[Any] = []  # made on the first report, so calls without long loops show nothing
+
+    def update(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, desc=f"  {label}", leave=False, position=1, dynamic_ncols=True,
+                             mininterval=0.5))
+        bar = bars[0]
+        if bar.total != total:
+            bar.reset(total=total)
+        bar.update(done - bar.n)
+
+    try:
+        with progress_to(update):
+            yield
+    finally:
+        for bar in bars:
+            bar.close()
+
+
 def _base(task: Task, ctx: TaskContext, mparams: dict[str, Any]) -> dict[str, Any]:
     return {"run_id": ctx.run_id, "dataset": ctx.config.dataset, "model": task.model, "method": task.method,
             "seed": ctx.config.seed, "versions": _json(package_versions()), "task": task.key,
@@ -181,7 +211,7 @@ def run_explain(task: Task, ctx: TaskContext) -> tuple[list[dict[str, Any]], Hea
         note = reason
         if not heat.na:
             try:
-                with warnings.catch_warnings(), collect_notes() as notes:
+                with warnings.catch_warnings(), collect_notes() as notes, inner_bar(ctx, task.label()):
                     warnings.simplefilter("ignore")
                     maps = explain(bundle.model, g.x, g.labels, task.method, shared=ctx.shared_passes(task.model, g),
                                    **mp)
@@ -243,7 +273,7 @@ def _score_group(task: Task, ctx: TaskContext, g: Group, heat: Heat,
                        ctx.config.seed, len(ctx.dataset.classes))
     specs = {m: get_metric(m) for m in task.metrics}
     group = specs[task.metrics[0]].group
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), inner_bar(ctx, task.label()):
         warnings.simplefilter("ignore")
         if group is not None and group in GROUPS:
             resolved = {m: specs[m].resolve_params(params[m], size) for m in task.metrics}

@@ -34,9 +34,20 @@ def _resize(image: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def _resize_mask(mask: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """A mask at (h, w): a pixel is in it when its area overlaps the mask (so a small object never vanishes
+    when the image shrinks); nearest neighbour when it grows."""
     if tuple(mask.shape) == (h, w):
         return mask
+    if h <= mask.shape[0] and w <= mask.shape[1]:
+        return F.interpolate(mask[None, None].float(), size=(h, w), mode="area")[0, 0] > 0
     return F.interpolate(mask[None, None].float(), size=(h, w), mode="nearest")[0, 0].bool()
+
+
+def _check_ground_truth(sample: Sample, size: tuple[int, int]) -> Sample:
+    if not sample.mask.any():
+        raise InvalidInputError(f"image {sample.image_id!r}: its ground-truth region is empty at {size[1]}x{size[0]} "
+                                "px after preprocessing; the sample is skipped")
+    return sample
 
 
 def preprocess(sample: Sample, size: int, mode: str = "squash", crop_pct: float = 0.875) -> tuple[torch.Tensor, Sample]:
@@ -52,12 +63,14 @@ def preprocess(sample: Sample, size: int, mode: str = "squash", crop_pct: float 
     h, w = sample.image.shape[-2:]
     if mode == "shorter_side":
         scale = size / min(h, w)
-        return _resize(sample.image, max(1, round(h * scale)), max(1, round(w * scale))), sample
+        return (_resize(sample.image, max(1, round(h * scale)), max(1, round(w * scale))),
+                _check_ground_truth(sample, (h, w)))
     if mode == "squash":
         scale = torch.tensor([size / w, size / h, size / w, size / h])
         image = _resize(sample.image, size, size)
-        return image, Sample(sample.image_id, image, sample.label, sample.boxes * scale,
-                             _resize_mask(sample.mask, size, size), sample.difficult, sample.meta)
+        return image, _check_ground_truth(Sample(sample.image_id, image, sample.label, sample.boxes * scale,
+                                                 _resize_mask(sample.mask, size, size), sample.difficult, sample.meta),
+                                          (size, size))
     if not 0 < crop_pct <= 1:
         raise InvalidInputError(f"crop_pct must be in (0, 1], got {crop_pct}")
     short = math.floor(size / crop_pct)
@@ -74,4 +87,5 @@ def preprocess(sample: Sample, size: int, mode: str = "squash", crop_pct: float 
             f"image {sample.image_id!r}: the central crop cuts every object box out; use preprocess 'squash' or "
             "'shorter_side' for this data set"
         )
-    return image, Sample(sample.image_id, image, sample.label, boxes[keep], mask, sample.difficult, sample.meta)
+    return image, _check_ground_truth(Sample(sample.image_id, image, sample.label, boxes[keep], mask, sample.difficult,
+                                             sample.meta), (size, size))

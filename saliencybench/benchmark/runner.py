@@ -260,6 +260,7 @@ def run(config: RunConfig | None = None, *, run_id: str | None = None, resume: s
         path = _new_run_dir(config, run_id)
         ctx.run_id, ctx.run_dir = path.name, path
     units = plan_units(config, n)
+    ctx.inner_progress = progress and (executor is None or isinstance(executor, InProcessExecutor))
     execute(units, ctx, path, executor, progress, stop_after)
     result = Run(path, config)
     if report:

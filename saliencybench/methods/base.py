@@ -47,6 +47,27 @@ def add_note(text: str) -> None:
         notes.append(text)
 
 
+_PROGRESS: ContextVar[Callable[[int, int], None] | None] = ContextVar("saliencybench_progress", default=None)
+
+
+@contextmanager
+def progress_to(callback: Callable[[int, int], None]) -> Iterator[None]:
+    """Inside the block, long loops (occlusion windows, RISE masks, perturbation steps) report
+    ``callback(done, total)`` after each batch; the runner turns it into an inner progress bar."""
+    token = _PROGRESS.set(callback)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
+def report_progress(done: int, total: int) -> None:
+    """Report progress of a long loop to an enclosing :func:`progress_to` (none: ignored)."""
+    callback = _PROGRESS.get()
+    if callback is not None:
+        callback(done, total)
+
+
 @dataclass(frozen=True)
 class Applicability:
     """Whether a method's defining rule holds on a model, and why not."""
