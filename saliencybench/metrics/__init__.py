@@ -1,13 +1,16 @@
 """Metrics. Each module registers its metrics with ``@register_metric``."""
 
 from .base import METRICS, MetricSpec, get_metric, list_metrics, register_metric
-from .localisation import box_iou, heatmap_box, localisation_correct
-from .perturbation_curves import deletion, deletion_insertion, insertion
-from .pointing import energy_pointing_game, pointing_accuracy, pointing_game
+from .localisation import box_iou, cam_code_box, heatmap_box, localisation_correct, normalise_heatmaps
+from .perturbation_curves import deletion, deletion_insertion, insertion, score_perturbation_curves
+from .pointing import energy_pointing_game, pointing_accuracy, pointing_game, pointing_reduce, torchray_smooth
 from .sanity import sanity_randomization
+from .wsol import box_hits, max_box_acc, max_box_acc_reduce, pixel_counts, pxap, pxap_reduce
 
 __all__ = [
-    "METRICS", "MetricSpec", "get_metric", "list_metrics", "register_metric", "box_iou", "heatmap_box",
-    "localisation_correct", "deletion", "deletion_insertion", "insertion", "energy_pointing_game",
-    "pointing_accuracy", "pointing_game", "sanity_randomization",
+    "METRICS", "MetricSpec", "get_metric", "list_metrics", "register_metric", "box_iou", "cam_code_box", "heatmap_box",
+    "localisation_correct", "normalise_heatmaps", "deletion", "deletion_insertion", "insertion",
+    "score_perturbation_curves", "energy_pointing_game", "pointing_accuracy", "pointing_game", "pointing_reduce",
+    "torchray_smooth", "sanity_randomization", "box_hits", "max_box_acc", "max_box_acc_reduce", "pixel_counts", "pxap",
+    "pxap_reduce",
 ]
