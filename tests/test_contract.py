@@ -138,7 +138,9 @@ def test_registries_declare_papers_params_and_direction():
     assert sb.get_method("smoothgrad").params["n_samples"] == 50
     assert sb.get_metric("deletion").higher_is_better is False
     assert sb.get_metric("insertion").higher_is_better is True
-    assert sb.get_metric("pointing_game").params == {"tolerance": 15}
+    assert sb.get_metric("pointing_game").params == {"tolerance": None, "ties": "first", "smooth": False,
+                                                     "class_average": "present"}
+    assert sb.get_metric("pointing_game").scaled(224, 224) == {"tolerance": 15.0}
     assert sb.get_metric("box_iou").params["threshold"] == 0.15
     assert set(sb.list_metrics()) >= {"deletion", "insertion", "pointing_game", "energy_pointing_game", "box_iou",
                                       "sanity_randomization"}

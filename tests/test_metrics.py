@@ -159,7 +159,9 @@ def test_pointing_game_hand_cases_and_tolerance():
     heat[0, 25, 25] = 1  # inside
     heat[1, 25, 5] = 1  # 15 px left of column 20: distance 15, not < 15
     heat[2, 25, 6] = 1  # distance 14 < 15
-    assert sb.metrics.pointing_game(heat, masks).tolist() == [1.0, 0.0, 1.0]
+    assert sb.metrics.pointing_game(heat, masks, tolerance=15).tolist() == [1.0, 0.0, 1.0]
+    # the default tolerance scales with the image: 15 * 40 / 224 = 2.68 px
+    assert sb.metrics.pointing_game(heat, masks).tolist() == [1.0, 0.0, 0.0]
     assert sb.metrics.pointing_game(heat, masks, tolerance=0).tolist() == [1.0, 0.0, 0.0]
     assert sb.metrics.pointing_game(heat, masks, tolerance=16).tolist() == [1.0, 1.0, 1.0]
 
@@ -171,7 +173,7 @@ def test_pointing_game_ties_and_constant_heatmap():
     mask[0, 8, 8] = True
     assert sb.metrics.pointing_game(heat, mask, tolerance=0).item() == 0.0
     with pytest.warns(ConstantHeatmapWarning):
-        sb.metrics.pointing_game(torch.ones(1, 10, 10), mask)
+        sb.metrics.pointing_game(torch.ones(1, 10, 10), mask, tolerance=15)
 
 
 def test_pointing_game_equals_quantus_at_tolerance_zero():

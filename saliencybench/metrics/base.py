@@ -37,6 +37,7 @@ function by its ``inputs`` unless the metric registers its own ``scorer``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -221,18 +222,22 @@ class MetricSpec:
         if self.scorer is not None:
             result = self.scorer(self, batch, p)
         else:
-            result = _default_scorer(self, batch, p)
+            result = _default_scorer(self, batch, p, params)
         result.params = {**p, **result.params}
         return result
 
 
 def _as_array(v: Any) -> np.ndarray:
+    """A result as a numpy array: integer and boolean results keep their dtype (compact stats), others float."""
     if isinstance(v, torch.Tensor):
-        return v.detach().float().cpu().numpy()
-    return np.asarray(v, dtype=float)
+        v = v.detach().cpu()
+        return v.numpy() if not v.is_floating_point() else v.float().numpy()
+    arr = np.asarray(v)
+    return arr if arr.dtype.kind in "biu" else arr.astype(float)
 
 
-def _default_scorer(spec: MetricSpec, batch: ScoreBatch, p: dict[str, Any]) -> MetricResult:
+def _default_scorer(spec: MetricSpec, batch: ScoreBatch, p: dict[str, Any],
+                    user: Mapping[str, Any] | None = None) -> MetricResult:
     """Call ``spec.fn`` (or ``spec.stats`` for data-set-level metrics) as its ``inputs`` say."""
     fn = spec.stats if spec.level == "dataset" and spec.stats is not None else spec.fn
     inputs = set(spec.inputs)
@@ -251,19 +256,25 @@ def _default_scorer(spec: MetricSpec, batch: ScoreBatch, p: dict[str, Any]) -> M
         b = len(heat)
         values = np.full(b, np.nan)
         stats: list[Any] = [None] * b
+        used: list[dict[str, Any]] = [p] * b
         for members in batch.shape_groups():
             h = torch.stack([heat[i] for i in members])
             truth = torch.stack([batch.masks[i] for i in members]) if gt == "masks" else [batch.boxes[i] for i in members]
-            out = fn(h, truth, **p)
-            arr = _as_array(out)
+            # image-size defaults at the resolution the ground truth is scored at
+            pg = spec.resolve_params(user, tuple(h.shape[-2:])) if user is not None else p
+            out = fn(h, truth, **{k: v for k, v in pg.items() if k not in SCHEDULE_KEYS})
+            arr = out if isinstance(out, np.ndarray) else _as_array(out)
             for j, i in enumerate(members):
+                used[i] = pg
                 if spec.level == "dataset":
                     stats[i] = arr[j]
                 else:
                     values[i] = arr[j]
-        if spec.level == "dataset":
-            return MetricResult({spec.name: values}, stats=np.stack(stats))
-        return MetricResult({spec.name: values})
+        result = MetricResult({spec.name: values}, stats=np.stack(stats) if spec.level == "dataset" else None)
+        result.params = used[0]
+        if any(u != used[0] for u in used):
+            result.extra["metric_params"] = [json.dumps(u, sort_keys=True, default=str) for u in used]
+        return result
     raise InvalidInputError(f"metric {spec.name!r} declares inputs {spec.inputs}; it needs a scorer")
 
 
@@ -271,7 +282,7 @@ def _wrap(spec: MetricSpec, out: Any) -> MetricResult:
     if isinstance(out, MetricResult):
         return out
     if spec.level == "dataset":
-        arr = _as_array(out)
+        arr = out if isinstance(out, np.ndarray) else _as_array(out)
         return MetricResult({spec.name: np.full(arr.shape[0], np.nan)}, stats=arr)
     return MetricResult({spec.name: _as_array(out)})
 
