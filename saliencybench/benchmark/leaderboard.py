@@ -55,7 +55,8 @@ def _variant_labels(rows: pd.DataFrame, metric_params: dict | None = None) -> pd
 
 
 def pools(rows: pd.DataFrame, n_classes: int | None = None, metric_params: dict | None = None) -> list[MetricPools]:
-    """Per-image results pooled per (model, metric label, method), aligned by image id across methods.
+    """Per-image results pooled per (model, metric label, method), each with its image ids (sorted), so
+    comparisons can pair methods on the images they share.
 
     Only rows of a registered metric's own output are pooled (predictions, skipped samples and
     further outputs such as per-stage similarities are not). A method whose values are all NaN
@@ -69,15 +70,15 @@ def pools(rows: pd.DataFrame, n_classes: int | None = None, metric_params: dict 
     rows = rows[rows.metric.map(lambda m: (s := output_spec(m)) is not None and s.name == m)]
     if rows.empty:
         return out
-    rows = rows.assign(label=_variant_labels(rows, metric_params))
-    for (model, label), g in rows.groupby(["model", "label"], sort=True):
+    rows = rows.assign(_metric_label=_variant_labels(rows, metric_params))
+    for (model, label), g in rows.groupby(["model", "_metric_label"], sort=True):
         spec = output_spec(g.metric.iloc[0])
         assert spec is not None
         params = json.loads(g.metric_config.dropna().iloc[0]) if "metric_config" in g and g.metric_config.notna().any() else {}
-        ids = sorted(g.image_id.unique())
         entry = MetricPools(model, label, spec, params, {}, {})
         for method, m in g.groupby("method", sort=True):
-            m = m.drop_duplicates("image_id").set_index("image_id")
+            m = m.drop_duplicates("image_id").set_index("image_id").sort_index()
+            ids = list(m.index)
             notes = m.note.fillna("") if "note" in m else pd.Series("", index=m.index)
             values = m.value.reindex(ids).to_numpy(dtype=float)
             if not np.isfinite(values).any() and notes.str.startswith(NA_PREFIX).any():
@@ -90,7 +91,8 @@ def pools(rows: pd.DataFrame, n_classes: int | None = None, metric_params: dict 
                 if not have.all():
                     continue
                 stats = np.stack([decode_stats(m.loc[i]) for i in ids])
-            labels = m.label.reindex(ids).to_numpy() if "label" in m else None
+            labels = (pd.to_numeric(m.label.reindex(ids), errors="coerce").fillna(-1).astype(np.int64).to_numpy()
+                      if "label" in m else None)
             entry.pools[method] = (ids, Pooled(values, stats, labels, n_classes))
         out.append(entry)
     return out
