@@ -148,8 +148,8 @@ def check_params(kind: str, name: str, params: Mapping[str, Any], fn: Callable[.
     for key, value in params.items():
         if key not in valid:
             close = difflib.get_close_matches(str(key), list(valid), n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise InvalidInputError(f"{kind} {name!r} has no parameter {key!r}{hint} Its parameters are "
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise InvalidInputError(f"{kind} {name!r} has no parameter {key!r}{hint}; its parameters are "
                                     f"{sorted(valid)}")
         where = f"{kind} {name!r} parameter {key!r}"
         if isinstance(value, float) and not math.isfinite(value):

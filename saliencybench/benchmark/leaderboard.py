@@ -200,13 +200,15 @@ def predictions(rows: pd.DataFrame) -> pd.DataFrame:
         ["model", "image_id", "top1_correct", "top5_correct"] + (["predicted_class"] if "predicted_class" in t else [])]
 
 
-def localisation_error(rows: pd.DataFrame, metric: str = "box_iou", min_iou: float = 0.5) -> pd.DataFrame:
-    """Top-1 / top-5 localisation error per (model, method), the CAM / Grad-CAM protocol: an image is
-    localised when the class is in the top-k and the IoU of ``metric``'s box >= ``min_iou``."""
-    cols = ["model", "method", "top1_loc_error", "top5_loc_error", "n"]
+def localisation_error(rows: pd.DataFrame, min_iou: float = 0.5) -> pd.DataFrame:
+    """Top-1 / top-5 localisation error per (model, method, metric) for every metric whose values are box
+    IoUs (``unit="IoU"``), the CAM / Grad-CAM protocol: an image is localised when the class is in the
+    top-k and the IoU >= ``min_iou``."""
+    cols = ["model", "method", "metric", "top1_loc_error", "top5_loc_error", "n"]
     if rows.empty or "metric" not in rows:
         return pd.DataFrame(columns=cols)
-    b = rows[rows.metric == metric].dropna(subset=["value"])
+    iou = [m for m in rows.metric.unique() if (s := output_spec(m)) is not None and s.name == m and s.unit == "IoU"]
+    b = rows[rows.metric.isin(iou)].dropna(subset=["value"])
     if b.empty:
         return pd.DataFrame(columns=cols)
     if "top1_correct" not in b or b.top1_correct.isna().all():
@@ -216,7 +218,9 @@ def localisation_error(rows: pd.DataFrame, metric: str = "box_iou", min_iou: flo
     ok = b.value >= min_iou
     b = b.assign(l1=(ok & b.top1_correct.fillna(False).astype(bool)).astype(float),
                  l5=(ok & b.top5_correct.fillna(False).astype(bool)).astype(float))
-    g = b.groupby(["model", "method"])
+    if "metric" not in b:
+        b = b.assign(metric="")
+    g = b.groupby(["model", "method", "metric"])
     return pd.DataFrame({"top1_loc_error": 1 - g.l1.mean(), "top5_loc_error": 1 - g.l5.mean(),
                          "n": g.size()}).reset_index()
 

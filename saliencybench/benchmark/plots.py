@@ -78,7 +78,7 @@ def sanity_curves(rows: pd.DataFrame, out: Path) -> list[Path]:
     g = sns.relplot(data=d, x="stage", y="value", hue="method", col="metric", row="model", kind="line",
                     errorbar=("ci", 95), n_boot=200, seed=0, height=2.6, aspect=1.3)
     g.set_axis_labels("blocks randomised (output first)", "similarity")
-    return _save(g.figure, out, "sanity_randomization")
+    return _save(g.figure, out, "per_stage_similarity")
 
 
 def rank_agreement(rows: pd.DataFrame, out: Path) -> tuple[list[Path], pd.DataFrame]:

@@ -152,16 +152,16 @@ class HeatmapStore:
 
     def select(self, model: str, method: str, keys: Iterable[str] | None = None
                ) -> tuple[list[str], list[torch.Tensor]]:
-        """All stored heatmaps of ``model`` and ``method``: (image ids, maps), in the tasks' order."""
-        ids: list[str] = []
-        maps: list[torch.Tensor] = []
+        """All stored heatmaps of ``model`` and ``method``: (image ids, maps), in data-set order."""
+        found: list[tuple[int, str, torch.Tensor]] = []
         for key in keys if keys is not None else self.keys():
             meta = self.metadata(key)
             if meta.get("model") == model and meta.get("method") == method:
                 i, m, _ = self.read(key)
-                ids += i
-                maps += m
-        return ids, maps
+                index = json.loads(meta.get("indices", "[]")) or list(range(len(i)))
+                found += zip(index, i, m)
+        found.sort(key=lambda f: f[0])
+        return [f[1] for f in found], [f[2] for f in found]
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.root.glob("*.safetensors")) if self.root.is_dir() else 0

@@ -160,7 +160,13 @@ def list_methods() -> list[str]:
 
 
 def get_method(name: str) -> MethodSpec:
-    """The :class:`MethodSpec` registered as ``name`` (unknown names list the valid ones)."""
+    """The :class:`MethodSpec` registered as ``name`` (unknown names list the valid ones).
+    ``captum:<Class>`` and ``gradcam:<Class>`` register the peer's class on first use
+    (:mod:`saliencybench.methods.peers`)."""
+    if name not in METHODS and isinstance(name, str) and name.split(":", 1)[0] in ("captum", "gradcam"):
+        from .peers import register_peer
+
+        return register_peer(name)
     return METHODS.get(name)
 
 

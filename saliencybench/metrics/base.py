@@ -27,6 +27,8 @@ names a metric:
 - ``scaled``: ``(H, W) -> {param: value}`` for defaults that depend on the image
   size (declared ``None`` in the signature); the resolved value is what is recorded;
 - ``constraints``: ranges/choices checked with the config before any work starts;
+- ``unit``: what a value measures; ``"IoU"`` values of a box also give the CAM protocol's
+  top-1/top-5 localisation error table;
 - ``schedule``: runner options every metric takes (``n_images``: score only the
   first n images of the run; ``methods``: only these methods), with per-metric defaults.
 

@@ -221,6 +221,7 @@ def iou(box: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     criterion="localisation",
     heatmap="as_is",
     ranked=False,
+    unit="IoU",
     constraints={"threshold": "(0,1]", "normalise": NORMALISATIONS, "box_protocol": BOX_PROTOCOLS},
 )
 def box_iou(
