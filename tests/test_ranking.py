@@ -378,5 +378,8 @@ def test_cd_diagram_labels_never_overlap():
     title = [t.get_text() for t in texts if "N = " in t.get_text()]
     assert title == [f"overall: N = 5 blocks, k = 14 methods, Friedman p = {a.friedman_p.iloc[0]:.3g}"]
     assert sum(any(f"{m} (" in t.get_text() for t in texts) for m in names) == 14
+    groups = [[m for m, g in zip(a.method, a.group) if c in g] for c in sorted(set("".join(a.group)))]
+    bars = [ln for ln in fig.axes[0].lines if ln.get_linewidth() == 3]
+    assert len(bars) == sum(len(g) > 1 for g in groups) > 0
     with pytest.raises(InvalidInputError, match="criterion"):
         cd_diagram(a, "faithfulness")

@@ -17,8 +17,8 @@ Rules
    scored on (the intersection of their ids). The score is ``reduce(pool, params)`` (the mean for
    image-level metrics; a dict-valued reduce gives its ``score_key`` entry). The 95% CI is the
    percentile bootstrap (Efron & Tibshirani, An Introduction to the Bootstrap, 1993): ``n_boot``
-   (1000) resamples of the model's image positions with replacement, seeded by ``seed`` and the
-   model's name, one resample per model shared by every method and metric, so all comparisons are
+   (1000) resamples of the model's image positions with replacement (``numpy.random.default_rng(
+   [seed, zlib.crc32(model)])``, positions in order of first appearance), one resample per model shared by every method and metric, so all comparisons are
    paired. A metric scored on a subset of the model's images (a schedule's ``n_images``) takes the
    same resample restricted to its images (a Poisson-like bootstrap of random size).
 2. *Ranks.* In the metric's direction, exact ties get the average rank (``scipy.stats.rankdata``).
@@ -75,7 +75,8 @@ Rules
    0.5 is the midpoint between the original map (1) and no rank association (0): a correlation
    below it explains under a quarter of the original's rank variance; methods that fail in the paper
    (guided backprop) stay close to the original, those that pass fall towards 0, so the verdict
-   does not hinge on the exact cut. Shown beside the ranks, never a rank term.
+   does not hinge on the exact cut. The CI resamples the images with ``default_rng([seed,
+   crc32("model/method")])``. Shown beside the ranks, never a rank term.
 """
 
 from __future__ import annotations
