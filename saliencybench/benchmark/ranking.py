@@ -307,10 +307,6 @@ def _boot_scores(info: MetricInfo, pools: list[Pooled], w: np.ndarray) -> np.nda
     return out
 
 
-def _separations(order: list[int], ranks: np.ndarray, p_adj: np.ndarray, alpha: float) -> list[bool]:
-    return [bool(p_adj[i] < alpha and ranks[order[i]] != ranks[order[i + 1]]) for i in range(len(order) - 1)]
-
-
 def _align(mp: MethodPool, ids: list[Hashable]) -> Pooled:
     pos = {i: j for j, i in enumerate(mp.image_ids)}
     return mp.pool.take(np.array([pos[i] for i in ids], dtype=int))
