@@ -14,7 +14,7 @@ on the same images. Target: ours / reference <= 1.2, timed side by side, round b
 from __future__ import annotations
 
 import pytest
-from limits import DEVICE, TARGETS, SideBySide, bench_inputs, bench_model, record, rounds_for, row, stage_profile, \
+from limits import DEVICE, SideBySide, bench_inputs, bench_model, record, rounds_for, row, stage_profile, \
     synced, timed
 
 import saliencybench as sb

@@ -13,9 +13,10 @@ from scipy import stats
 
 from saliencybench.benchmark.cd_diagram import cd_diagram
 from saliencybench.benchmark.ranking import (
-    MethodPool, MetricInfo, across_models, bootstrap_p, friedman, holm, interval_letters, nemenyi_cd, pools_from_rows,
-    rank_methods, sanity_verdicts, walk_letters,
+    MethodPool, MetricInfo, bootstrap_p, holm, pools_from_rows, rank_methods, walk_letters,
 )
+from saliencybench.benchmark.ranking_across import across_models, friedman, interval_letters, nemenyi_cd
+from saliencybench.benchmark.sanity_verdict import sanity_verdicts
 from saliencybench.errors import InvalidInputError
 from saliencybench.metrics.base import Pooled, get_metric, mean_reduce
 

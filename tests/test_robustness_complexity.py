@@ -4,7 +4,6 @@ Quantus on the same inputs and draws, closed-form cases, and bad inputs."""
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pytest

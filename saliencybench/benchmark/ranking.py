@@ -54,7 +54,7 @@ Rules
    their order flips or ties (or is undefined) is a one-sided bootstrap p of the observed order;
    these are Holm-corrected over the adjacent pairs and a pair is separable when the corrected share
    < alpha; letters as in rule 5.
-7. *Across models (Demsar, JMLR 2006).* Per criterion and overall, over the blocks (models) on
+7. *Across models (Demsar, JMLR 2006; in :mod:`.ranking_across`).* Per criterion and overall, over the blocks (models) on
    which every compared method is ranked (methods missing on a block are dropped and noted, or
    blocks with ``incomplete="drop_blocks"``), the methods' final ranks are re-ranked within each
    block; the Friedman test (Friedman, JASA 1937; ``scipy.stats.friedmanchisquare``, tie-corrected)
@@ -66,7 +66,7 @@ Rules
    less than CD are not separated: each maximal run of methods (in mean-rank order) spanning less
    than CD gets a letter, a method carries the letters of every run it is in (a compact letter
    display of the bars of the CD diagram, Piepho, J. Comput. Graph. Stat. 2004).
-8. *Sanity verdicts (Adebayo et al., NeurIPS 2018).* Per (model, method), at the last stage of the
+8. *Sanity verdicts (Adebayo et al., NeurIPS 2018; in :mod:`.sanity_verdict`).* Per (model, method), at the last stage of the
    cascading randomisation (all blocks re-initialised): ``pass`` when the mean Spearman rank
    correlation of absolute values between original and randomised maps is below ``threshold``
    (0.5) and so is the upper end of its 95% percentile bootstrap CI (the similarity is
@@ -204,20 +204,6 @@ def walk_letters(separated: Sequence[bool]) -> list[str]:
     return out
 
 
-def interval_letters(mean_ranks: Sequence[float], cd: float) -> list[str]:
-    """Rule 7: letters of methods sorted by mean rank; each maximal run spanning < ``cd`` gets one."""
-    r = np.asarray(mean_ranks, dtype=float)
-    ends = [int(np.searchsorted(r, x + cd, side="left")) - 1 for x in r]
-    out = [""] * len(r)
-    k, last = 0, -1
-    for i, j in enumerate(ends):
-        if j > last:
-            for m in range(i, j + 1):
-                out[m] += letter(k)
-            k, last = k + 1, j
-    return out
-
-
 def wilcoxon_p(a: np.ndarray, b: np.ndarray) -> float:
     """Two-sided paired Wilcoxon signed-rank p of arrays[N] (Pratt zeros; NaN pairs dropped; all equal: 1)."""
     d = np.asarray(a, float) - np.asarray(b, float)
@@ -236,14 +222,6 @@ def bootstrap_p(diff: np.ndarray) -> float:
     if len(d) == 0:
         return float("nan")
     return float(min(1.0, 2 * min((d <= 0).sum() + 1, (d >= 0).sum() + 1) / (len(d) + 1)))
-
-
-def nemenyi_cd(k: int, n: int, alpha: float = 0.05) -> float:
-    """Nemenyi critical difference of k methods over n blocks (Demsar, JMLR 2006)."""
-    if k < 2 or n < 1:
-        return float("nan")
-    q = stats.studentized_range.ppf(1 - alpha, k, np.inf) / np.sqrt(2)
-    return float(q * np.sqrt(k * (k + 1) / (6 * n)))
 
 
 def pools_from_rows(rows: pd.DataFrame, metrics: Iterable[str]) -> dict[tuple[str, str, str], MethodPool]:
@@ -451,88 +429,3 @@ def rank_methods(pools: Mapping[tuple[str, str, str], MethodPool], metrics: Mapp
     return Ranking(pd.DataFrame(out[0], columns=METRIC_COLUMNS), pd.DataFrame(out[1], columns=RANKING_COLUMNS),
                    pd.DataFrame(out[2], columns=["model", "method", "reason"]),
                    pd.DataFrame(out[3], columns=["model", "metric", "criterion", "methods"]))
-
-
-ACROSS_COLUMNS = ["method", "criterion", "mean_rank", "group", "friedman_stat", "friedman_p", "cd", "k", "n_blocks",
-                  "note"]
-
-
-def friedman(ranks: np.ndarray) -> tuple[float, float]:
-    """Friedman statistic and p of a rank matrix array[N blocks, k methods] (scipy; NaN when k < 3 or
-    N < 2; 0 and 1 when every block is one complete tie)."""
-    n, k = ranks.shape
-    if k < 3 or n < 2:
-        return float("nan"), float("nan")
-    if np.all(ranks == ranks[:, :1]):
-        return 0.0, 1.0
-    res = stats.friedmanchisquare(*ranks.T)
-    return float(res.statistic), float(res.pvalue)
-
-
-def across_models(ranking: pd.DataFrame, *, alpha: float = 0.05, incomplete: str = "drop_methods") -> pd.DataFrame:
-    """Rule 7: per criterion (and "overall") of a ``ranking`` table (model, method, criterion, rank),
-    the methods' mean ranks over the blocks (models), Friedman statistic and p, Nemenyi CD and groups.
-
-    ``incomplete``: ``"drop_methods"`` (methods not ranked on every block are left out, with a note)
-    or ``"drop_blocks"`` (blocks lacking a method are left out). Columns: :data:`ACROSS_COLUMNS`.
-    """
-    if incomplete not in ("drop_methods", "drop_blocks"):
-        raise InvalidInputError(f"incomplete must be 'drop_methods' or 'drop_blocks', got {incomplete!r}")
-    if not 0 < alpha < 1:
-        raise InvalidInputError(f"alpha must be in (0, 1), got {alpha!r}")
-    rows = []
-    present = set(ranking.criterion)
-    for crit in [c for c in (*CRITERIA, "overall") if c in present]:
-        t = ranking[ranking.criterion == crit].pivot(index="model", columns="method", values="rank")
-        t = t.dropna(axis=0, how="all")
-        t = t.dropna(axis=1) if incomplete == "drop_methods" else t.dropna(axis=0)
-        dropped = sorted(set(ranking.loc[ranking.criterion == crit, "method"]) - set(t.columns))
-        r = stats.rankdata(t.to_numpy(float), axis=1) if t.size else np.zeros((0, 0))
-        n, k = r.shape
-        stat, p = friedman(r)
-        cd = nemenyi_cd(k, n, alpha)
-        mean = r.mean(0) if n else np.zeros(0)
-        order = np.argsort(mean, kind="stable")
-        letters = interval_letters(mean[order], cd) if p < alpha else ["a"] * k
-        note = "" if np.isfinite(p) else "Friedman needs >= 3 methods and >= 2 blocks: one group"
-        base = {"criterion": crit, "friedman_stat": stat, "friedman_p": p, "cd": cd, "k": k, "n_blocks": n}
-        rows += [{**base, "method": t.columns[i], "mean_rank": float(mean[i]), "group": letters[j], "note": note}
-                 for j, i in enumerate(order)]
-        rows += [{**base, "method": m, "mean_rank": float("nan"), "group": "",
-                  "note": "not ranked on every block: left out"} for m in dropped]
-    return pd.DataFrame(rows, columns=ACROSS_COLUMNS)
-
-
-SANITY_COLUMNS = ["model", "method", "verdict", "stage", "mean", "ci_low", "ci_high", "n", "threshold", "rule"]
-
-
-def sanity_verdicts(rows: pd.DataFrame, methods: Iterable[tuple[str, str]] = (), *, threshold: float = 0.5,
-                    n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> pd.DataFrame:
-    """Rule 8: ``pass`` / ``fail`` / ``not run`` per (model, method) of ``rows`` (columns model, method,
-    image_id, stage, value: the per-image Spearman of absolute values at each cascade stage, stage 0
-    the original model) and of ``methods`` ((model, method) pairs to report even without rows)."""
-    need = {"model", "method", "image_id", "stage", "value"}
-    if not need <= set(rows.columns):
-        raise InvalidInputError(f"sanity rows need columns {sorted(need)}; missing {sorted(need - set(rows.columns))}")
-    if not -1 <= threshold <= 1:
-        raise InvalidInputError(f"threshold must be a rank correlation in [-1, 1], got {threshold!r}")
-    groups = {k: g for k, g in rows.groupby(["model", "method"])}
-    out = []
-    for model, method in sorted(set(groups) | set(methods)):
-        g = groups.get((model, method))
-        base = {"model": model, "method": method, "threshold": threshold}
-        last = g.stage.max() if g is not None and len(g) else 0
-        v = g.value[g.stage == last].to_numpy(float) if g is not None else np.zeros(0)
-        v = v[np.isfinite(v)]
-        if last == 0 or len(v) < 2:
-            out.append({**base, "verdict": "not run", "n": len(v),
-                        "rule": "no values at a randomised stage (needs >= 2 images)"})
-            continue
-        w = _weights(f"{model}/{method}", len(v), n_boot, seed)
-        lo, hi = _quantiles((w @ v / w.sum(1))[:, None], level)
-        mean = float(v.mean())
-        ok = mean < threshold and hi[0] < threshold
-        out.append({**base, "verdict": "pass" if ok else "fail", "stage": int(last), "mean": mean,
-                    "ci_low": lo[0], "ci_high": hi[0], "n": len(v),
-                    "rule": f"mean and {level:.0%} CI upper bound of spearman_abs at the last stage < {threshold}"})
-    return pd.DataFrame(out, columns=SANITY_COLUMNS)

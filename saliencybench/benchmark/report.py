@@ -11,7 +11,6 @@ import html
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 

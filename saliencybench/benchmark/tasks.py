@@ -89,7 +89,7 @@ def score_tasks(config: RunConfig, model: str, method: str, shard: tuple[int, ..
     """Score tasks of one explain task's shard, honouring each metric's ``methods`` and ``n_images`` options."""
     out = []
     for group in metric_groups(metrics if metrics is not None else config.metrics):
-        members, indices = [], shard
+        members = []
         for m in group:
             params = {**config.metric_params.get(m, {}), **(extra_params or {}).get(m, {})}
             _, sched = get_metric(m).split_params(params)
