@@ -16,7 +16,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
-from ..errors import SaliencyBenchError
+from ..errors import SaliencyBenchError, UnknownNameError
 
 EXAMPLES = """examples:
   saliencybench run                                   # the embedded default benchmark, offline
@@ -86,6 +86,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     lb = sub.add_parser("leaderboard", help="print and save the leaderboard of a run", formatter_class=fmt)
     lb.add_argument("run", help="run directory (or run id inside results/)")
+    lb.add_argument("--model", nargs="+", metavar="NAME", help="only these models")
+    lb.add_argument("--metric", nargs="+", metavar="NAME", help="only these metrics")
+    lb.add_argument("--criterion", nargs="+", metavar="NAME", help="only these criteria (faithfulness, localisation, "
+                    "robustness, complexity, randomisation, model_use)")
+    lb.add_argument("--format", default="text", choices=("text", "md", "csv", "html", "json"), help="output format")
+    lb.add_argument("--width", type=int, metavar="COLS", help="text width (default: the terminal's, at least 100)")
     rp = sub.add_parser("report", help="write the HTML report of a run", formatter_class=fmt)
     rp.add_argument("run", help="run directory (or run id inside results/)")
     sub.add_parser("list", help="list methods, metrics, data sets and models", formatter_class=fmt)
@@ -184,6 +190,17 @@ def _open(name: str):  # -> Run
     return open_run(path if path.exists() else Path("results") / name)
 
 
+def _width(asked: int | None) -> int:
+    """The text width: ``asked``, else the terminal's when wider than 100, else 100."""
+    import shutil
+
+    if asked is not None:
+        if asked < 60:
+            raise SaliencyBenchError(f"--width must be at least 60 columns, got {asked}")
+        return asked
+    return max(100, shutil.get_terminal_size((100, 24)).columns)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from . import load_all
 
@@ -204,6 +221,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"{name}: val accuracy {b.info['val_accuracy']:.4f}, {b.info['train_seconds']:.0f} s, {b.info['weights']}")
         return 0
     from .report import write_leaderboard, write_report
+    from .textboard import render
 
     if args.command == "run":
         from .runner import ProcessExecutor, resolve_run_path, run
@@ -215,8 +233,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         resume = resolve_run_path(args.resume, cfg.output) if args.resume else None
         result = run(cfg, run_id=args.run_id, resume=resume, executor=executor, progress=not args.quiet)
         board, csv = write_leaderboard(result)
-        print(board.to_string(max_colwidth=28))
-        print(f"\nresults: {result.path}\nleaderboard: {csv} and {result.path / 'leaderboard.md'}")
+        print(render(board, "text", _width(None)))
+        print(f"results: {result.path}\nleaderboard: {csv}, {result.path / 'ranking.csv'} and "
+              f"{result.path / 'leaderboard.md'}")
         if not args.no_report:
             print(f"report: {write_report(result)}")
         return 0
@@ -228,15 +247,23 @@ def _dispatch(args: argparse.Namespace) -> int:
         run_obj.score(_csv(args.metrics), methods=_csv(args.methods) if args.methods else None,
                       models=_csv(args.models) if args.models else None, progress=not args.quiet)
         board, csv = write_leaderboard(run_obj)
-        print(board.to_string(max_colwidth=28))
+        print(render(board, "text", _width(None)))
         if not args.no_report:
             print(f"report: {write_report(run_obj)}")
         return 0
     run_obj = _open(args.run)
     if args.command == "leaderboard":
         board, csv = write_leaderboard(run_obj)
-        print(board.to_string(max_colwidth=28))
-        print(f"\nsaved: {csv} and {run_obj.path / 'leaderboard.md'}")
+        for flag, chosen, valid in (("--model", args.model, board.models),
+                                    ("--metric", args.metric, sorted(set(board.metrics.metric))),
+                                    ("--criterion", args.criterion, board.criteria())):
+            for name in chosen or []:
+                if name not in valid:
+                    raise UnknownNameError(f"{flag[2:]} of this run", name, valid)
+        text = render(board, args.format, _width(args.width), args.model, args.metric, args.criterion)
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        if args.format == "text":
+            print(f"saved: {csv}, {run_obj.path / 'ranking.csv'} and {run_obj.path / 'leaderboard.md'}")
         return 0
     if args.command == "report":
         print(f"report: {write_report(run_obj)}")

@@ -1,7 +1,12 @@
-"""The run's outputs: leaderboard files, plots and one self-contained HTML report.
+"""The run's outputs: leaderboard files, figures and one self-contained HTML report.
 
-Every text written into the HTML is escaped (``html.escape``; tables through
-``DataFrame.to_html(escape=True)``); figures are embedded as base64 PNG.
+The report opens with the answer: a summary a reader can quote (the winner per criterion and
+model with its significance group), a table of contents, the ranking (with the critical-difference
+diagrams and the sanity verdicts) and the settings behind every number; then one section per
+criterion with its tables and figures, the gallery, the models, costs and details; model
+inspection last, collapsed. Every text written into the HTML is escaped (``html.escape``);
+figures are embedded as base64 PNG; tables scroll horizontally inside their box and keep their
+header in view.
 """
 
 from __future__ import annotations
@@ -9,47 +14,149 @@ from __future__ import annotations
 import base64
 import html
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
-from . import plots
 from ..errors import SaliencyBenchError
+from . import plots
 from .execute import TaskContext
-from .leaderboard import leaderboard, localisation_error, model_accuracy, not_applicable, summary, to_markdown
 from .runner import Run, open_run
+from .tables import Board, compute_board, overall_table
+from .textboard import model_table, render_markdown
+
+CSS = """body{font-family:system-ui,sans-serif;margin:0 auto;padding:1em 2em;max-width:1500px;color:#222}
+h1{font-size:1.5em;margin:.2em 0}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
+.box{overflow-x:auto;max-height:70vh;overflow-y:auto;border:1px solid #ddd;margin:.5em 0}
+table{border-collapse:collapse;font-size:12px;white-space:nowrap}td,th{border:1px solid #e3e3e3;padding:2px 6px;
+text-align:right}th{background:#f4f4f4;position:sticky;top:0;z-index:1}td:first-child,th:first-child{text-align:left}
+td.best{font-weight:bold;background:#eaf6ea}.summary{background:#f6f8fb;border-left:4px solid #4a7;padding:.6em 1em}
+nav ul{columns:3;font-size:13px}img{max-width:100%;height:auto}figure{margin:.6em 0}
+figcaption{font-size:12px;color:#555}details{margin:1em 0}.muted{color:#777;font-size:12px}"""
 
 
-def write_leaderboard(run: Run) -> tuple[pd.DataFrame, Path]:
-    """Compute the leaderboard; save CSV and Markdown under ``<run>/``; return it and the CSV path."""
+def _rows_and_board(run: Run) -> tuple[pd.DataFrame, Board]:
     rows = run.results
-    board = leaderboard(rows, metric_params=run.config.metric_params)
-    if board.empty:
-        board = pd.DataFrame({"note": ["no scored rows yet: the run has not finished a score task"]})
-    board.to_csv(run.path / "leaderboard.csv")
-    loc = localisation_error(rows)
-    acc = model_accuracy(rows)
-    na = not_applicable(rows)
-    text = ["# Leaderboard", "", "mean [95% bootstrap CI]; ranks in each metric's direction; n/a = not applicable",
-            "", to_markdown(board), "", "## Localisation error (CAM protocol, IoU >= 0.5)", "", to_markdown(loc),
-            "", "## Model accuracy on the run's images", "", to_markdown(acc), "", "## Not applicable", "",
-            to_markdown(na) if not na.empty else "none"]
-    (run.path / "leaderboard.md").write_text("\n".join(text) + "\n")
-    summary(rows).to_csv(run.path / "summary.csv", index=False)
-    loc.to_csv(run.path / "localisation_error.csv", index=False)
+    n_classes = None
+    try:
+        n_classes = len(TaskContext(run.config, run.run_id, run.path).dataset.classes)
+    except SaliencyBenchError:
+        pass
+    return rows, compute_board(rows, run.config.metric_params, n_classes, seed=run.config.seed)
+
+
+def write_leaderboard(run: Run, board: Board | None = None) -> tuple[Board, Path]:
+    """Compute the board; save ``leaderboard.csv`` (per model, metric and method), ``ranking.csv``
+    (model, method, criterion, rank, group), ``leaderboard.md``, ``sanity.csv``, ``settings.csv`` and
+    ``localisation_error.csv`` under ``<run>/``; return the board and the CSV path."""
+    if board is None:
+        _, board = _rows_and_board(run)
+    board.metrics.to_csv(run.path / "leaderboard.csv", index=False)
+    board.metrics.to_csv(run.path / "summary.csv", index=False)
+    board.ranking.to_csv(run.path / "ranking.csv", index=False)
+    board.across.to_csv(run.path / "ranking_across_models.csv", index=False)
+    board.verdicts.to_csv(run.path / "sanity.csv", index=False)
+    pd.concat([board.settings_methods.assign(kind="method"), board.settings_metrics.assign(kind="metric")]
+              ).to_csv(run.path / "settings.csv", index=False)
+    board.loc_error.to_csv(run.path / "localisation_error.csv", index=False)
+    md = render_markdown(board)
+    md += "\n## Settings\n\n" + _settings_md(board) + "\n"
+    (run.path / "leaderboard.md").write_text(md)
     return board, run.path / "leaderboard.csv"
 
 
+def _settings_md(board: Board) -> str:
+    from .textboard import _md
+
+    parts = []
+    for title, t in (("Methods", board.settings_methods), ("Metrics", board.settings_metrics)):
+        if not t.empty:
+            parts += [f"### {title}", "", _md(t), ""]
+    return "\n".join(parts)
+
+
+def _img(path: Path, caption: str = "") -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption or path.stem)}" '
+            f'loading="eager">{cap}</figure>')
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        return "" if np.isnan(v) else f"{v:.3f}"
+    if isinstance(v, (np.floating,)):
+        return "" if np.isnan(v) else f"{float(v):.3f}"
+    return str(v)
+
+
+def table_html(df: pd.DataFrame, index: bool = False, best: Sequence[str] = ()) -> str:
+    """An escaped HTML table (3-digit floats, no pandas index unless asked), in a scrolling box;
+    cells ending in ``*`` (the best of their column) are marked."""
+    if df is None or df.empty:
+        return "<p class='muted'>none</p>"
+    frame = df.reset_index() if index else df
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    body = []
+    for row in frame.itertuples(index=False):
+        cells = []
+        for v in row:
+            text = _fmt(v)
+            cls = " class='best'" if text.endswith("*") else ""
+            cells.append(f"<td{cls}>{html.escape(text)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<div class='box'><table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
+
+
+def html_tables(board: Board, models: Sequence[str] | None = None, metrics: Sequence[str] | None = None,
+                criteria: Sequence[str] | None = None) -> str:
+    """The leaderboard's tables as a standalone HTML page (``saliencybench leaderboard --format html``)."""
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><style>{CSS}</style></head><body>",
+             "<h2>Overall ranking</h2>", table_html(overall_table(board).round(2), index=True)]
+    for model in [m for m in board.models if not models or m in models]:
+        parts += [f"<h2>{html.escape(model)}</h2>", table_html(model_table(board, model, metrics, criteria), True)]
+    return "\n".join(parts + ["</body></html>"])
+
+
+def summary_sentences(board: Board) -> list[str]:
+    """Quotable sentences: per criterion and model the winner with its significance group."""
+    out = []
+    overall = overall_table(board)
+    if not overall.empty and len(board.models) > 1 and np.isfinite(overall.mean_rank.iloc[0]):
+        top = overall.index[0]
+        tied = [m for m in overall.index[1:] if overall.loc[m, "group"] == overall.loc[top, "group"]
+                and str(overall.loc[m, "group"])]
+        rest = f" (not separable from {', '.join(tied)} at 0.05)" if tied else ""
+        out.append(f"Across the {len(board.models)} models, {top} ranks first overall (mean rank "
+                   f"{overall.mean_rank.iloc[0]:.2f}, group {overall.loc[top, 'group'] or '-'}){rest}.")
+    r = board.ranking
+    for model in board.models:
+        parts = []
+        for crit in ["overall", *board.criteria()]:
+            c = r[(r.model == model) & (r.criterion == crit)].dropna(subset=["rank"]).sort_values("rank")
+            if c.empty:
+                continue
+            first = c.iloc[0]
+            same = list(c[(c.group == first.group) & (c.method != first.method)].method)
+            tie = f", with {', '.join(same[:3])}{' ...' if len(same) > 3 else ''} in the same group" if same else ""
+            parts.append(f"{crit}: {first.method} (group {first.group}{tie})")
+        if parts:
+            out.append(f"On {model}, the best method is " + "; ".join(parts) + ".")
+    return out
+
+
 def _gallery(run: Run, rows: pd.DataFrame, out: Path) -> list[Path]:
-    """Gallery of the first images of each model, read from the run's heatmap store."""
+    """A gallery per model of its first images, true and predicted class over each, from the store."""
     from .store import HeatmapStore
 
-    store = HeatmapStore(run.path)
-    if not store.keys():
+    if not HeatmapStore(run.path).keys() or run.config.gallery_images < 1:
         return []
     cfg = run.config
     ctx = TaskContext(cfg, run.run_id, run.path)
+    pred = rows[rows.metric == "top1_correct"].drop_duplicates(["model", "image_id"]) if not rows.empty else rows
     paths: list[Path] = []
     for model in cfg.models:
         maps: dict[str, dict[str, torch.Tensor]] = {}
@@ -62,9 +169,9 @@ def _gallery(run: Run, rows: pd.DataFrame, out: Path) -> list[Path]:
         if not maps:
             continue
         first = next(iter(maps.values()))
-        ids = [i for i in list(first)[: cfg.gallery_images] if all(i in m for m in maps.values())]
+        ids = [i for i in first if all(i in m for m in maps.values())][: cfg.gallery_images]
         samples = {}
-        for i in range(min(len(ctx.dataset), 4 * max(1, cfg.gallery_images) + 16)):
+        for i in range(min(len(ctx.dataset), 4 * cfg.gallery_images + 16)):
             try:
                 s = ctx.dataset[i]
             except SaliencyBenchError:
@@ -75,81 +182,138 @@ def _gallery(run: Run, rows: pd.DataFrame, out: Path) -> list[Path]:
         if not ids:
             continue
         size = tuple(first[ids[0]].shape)
-        images, boxes = [], []
+        images, boxes, titles = [], [], []
+        p = pred[pred.model == model].set_index("image_id") if not pred.empty else pd.DataFrame()
         for i in ids:
             s = samples[i]
             hh, ww = s.image.shape[-2:]
             images.append(torch.nn.functional.interpolate(s.image[None], size=size, mode="bilinear")[0])
             boxes.append(s.boxes * torch.tensor([size[1] / ww, size[0] / hh, size[1] / ww, size[0] / hh]))
+            guess = p.predicted_class.get(i, "?") if "predicted_class" in p else "?"
+            titles.append(f"{i}\ntrue: {ctx.class_name(model, s.label)}\npred: {guess}")
         heat = {m: torch.stack([v[i] if tuple(v[i].shape) == size else torch.nn.functional.interpolate(
             v[i][None, None], size=size, mode="bilinear")[0, 0] for i in ids]) for m, v in maps.items()}
-        paths += plots.gallery(torch.stack(images), boxes, heat, ids, out, f"gallery_{model}")
+        paths += plots.gallery(torch.stack(images), boxes, heat, titles, out, f"gallery_{plots._safe(model)}")
     return paths
 
 
-def make_plots(run: Run) -> dict[str, list[Path]]:
-    """All figures of a run under ``<run>/plots/``: {section: [png, svg, ...]}."""
-    out = run.path / "plots"
-    out.mkdir(exist_ok=True)
-    rows = run.results
-    agree_paths, _ = plots.rank_agreement(rows, out)
-    return {
-        "Metrics": plots.metric_bars(rows, out),
-        "Deletion and insertion curves": plots.perturbation_curves(rows, out),
-        "Gallery (ground-truth boxes in green)": _gallery(run, rows, out),
-        "Sanity check: model randomisation": plots.sanity_curves(rows, out),
-        "Rank agreement between metrics": agree_paths,
-    }
-
-
-def _img(path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.stem)}">'
-
-
-def _table(df: pd.DataFrame) -> str:
-    return df.to_html(escape=True, na_rep="", border=0, classes="table")
+def _models_table(run: Run, board: Board) -> pd.DataFrame:
+    file = run.path / "models.json"
+    try:
+        info = json.loads(file.read_text()) if file.is_file() else {}
+    except (OSError, ValueError):
+        info = {}
+    acc = board.accuracy.set_index("model").top1_accuracy if not board.accuracy.empty else pd.Series(dtype=float)
+    out = []
+    for name in run.config.models:
+        i = info.get(name, {})
+        out.append({"model": name, "architecture": i.get("architecture", ""), "input size": i.get("input_size", ""),
+                    "parameters": f"{i['parameters'] / 1e6:.2f} M" if "parameters" in i else "",
+                    "accuracy on the run's images": acc.get(name, np.nan),
+                    "held-out accuracy": i.get("val_accuracy", np.nan), "provenance": i.get("source", ""),
+                    "weights": Path(str(i.get("weights", ""))).name})
+    return pd.DataFrame(out)
 
 
 def write_report(run: Run | str | Path) -> Path:
-    """Write ``<run>/report.html``: leaderboard, tables, plots, gallery, config, environment."""
+    """Write ``<run>/report.html`` (and the leaderboard files); returns its path."""
     run = run if isinstance(run, Run) else open_run(run)
-    board, _ = write_leaderboard(run)
-    rows = run.results
-    figures = make_plots(run)
+    rows, board = _rows_and_board(run)
+    write_leaderboard(run, board)
+    out = run.path / "plots"
+    out.mkdir(exist_ok=True)
     meta = json.loads((run.path / "config.json").read_text())
-    models = json.loads((run.path / "models.json").read_text()) if (run.path / "models.json").exists() else {}
-    skipped = rows[rows.metric == "skipped_image"][["image_id", "note"]] if not rows.empty else pd.DataFrame()
-    parts = [
-        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
-        f"<title>saliencybench report {html.escape(run.run_id)}</title>",
-        "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;"
-        "font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}</style></head><body>",
-        f"<h1>saliencybench report: {html.escape(run.run_id)}</h1>",
-        "<p>Means with 95% bootstrap confidence intervals; ranks follow each metric's direction "
-        "(deletion and the sanity similarity: lower is better). n/a: the method does not apply to the model.</p>",
-        "<h2>Leaderboard</h2>", _table(board),
-        "<h2>Localisation error (top-1 / top-5, IoU &ge; 0.5)</h2>", _table(localisation_error(rows)),
-        "<h2>Models</h2>", _table(model_accuracy(rows).reset_index()),
-        "<pre>" + html.escape(json.dumps(models, indent=2, default=str)) + "</pre>",
-        "<h2>Not applicable</h2>", _table(not_applicable(rows)),
-    ]
-    for title, paths in figures.items():
-        pngs = [p for p in paths if p.suffix == ".png"]
-        if pngs:
-            parts.append(f"<h2>{html.escape(title)}</h2>")
-            parts += [_img(p) for p in pngs]
-    if run.config.inspect:
-        from .inspection import inspection_figures
-
-        paths, numbers = inspection_figures(run)
-        parts += ["<h2>Model inspection</h2>", _table(pd.DataFrame(numbers))]
-        parts += [_img(p) for p in paths if p.suffix == ".png"]
-    if not skipped.empty:
-        parts += ["<h2>Skipped images</h2>", _table(skipped)]
-    parts += ["<h2>Config</h2>", "<pre>" + html.escape(json.dumps(meta["config"], indent=2)) + "</pre>",
-              "<h2>Environment</h2>", "<pre>" + html.escape(json.dumps(meta.get("versions", {}), indent=2)) + "</pre>",
-              "</body></html>"]
+    bars = plots.metric_bars(board, out)
+    curve_figs = plots.curves(rows, out)
+    cds = plots.cd_diagrams(board, out)
+    agree, _ = plots.rank_agreement(board, out)
+    stages = plots.stage_curves(rows, out)
+    gallery = _gallery(run, rows, out)
+    png = lambda ps: [p for p in ps if p.suffix == ".png"]  # noqa: E731
+    sections: list[tuple[str, str, list[str]]] = []  # (id, title, html parts)
+    ranking = [table_html(overall_table(board).round(2), index=True)] if len(board.models) > 1 else []
+    for crit, ps in cds.items():
+        ranking += [_img(p, f"critical-difference diagram, {crit}") for p in png(ps)]
+    for model in board.models:
+        t = model_table(board, model)
+        keep = [c for c in t.columns if c in ("overall", *board.criteria(), "sanity", "s/img")]
+        ranking += [f"<h3>{html.escape(model)}</h3>", table_html(t[keep], index=True)]
+    sections.append(("ranking", "Ranking", ranking))
+    settings = ["<p>The exact parameters behind every number (resolved for the image size used).</p>",
+                "<h3>Methods</h3>", table_html(board.settings_methods), "<h3>Metrics</h3>",
+                table_html(board.settings_metrics)]
+    sections.append(("settings", "Settings", settings))
+    for crit in board.criteria():
+        part = []
+        for model in board.models:
+            part += [f"<h3>{html.escape(model)}</h3>", table_html(model_table(board, model, criteria=[crit]), True)]
+        names = sorted(set(board.metrics[board.metrics.criterion == crit].metric))
+        for metric in names:
+            part += [_img(p, f"{metric}") for p in png(bars.get(metric, []))]
+            part += [_img(p, f"{metric} curves") for p in png(curve_figs.get(metric, []))]
+        sections.append((f"criterion-{crit}", f"Criterion: {crit}", part))
+    if not board.verdicts.empty or stages:
+        part = [table_html(board.verdicts.drop(columns=["rule"], errors="ignore"))]
+        if not board.verdicts.empty:
+            part.append(f"<p class='muted'>Rule: {html.escape(str(board.verdicts.rule.dropna().iloc[0]))} "
+                        "(Adebayo et al., NeurIPS 2018); never a rank term.</p>")
+        part += [_img(p, "similarity to the original maps as blocks are randomised") for p in png(stages)]
+        sections.append(("sanity", "Sanity check: model randomisation", part))
+    if gallery:
+        sections.append(("gallery", "Heatmaps", [_img(p, p.stem.replace("gallery_", "")) for p in png(gallery)]))
+    sections.append(("models", "Models", [table_html(_models_table(run, board))]))
+    cost = board.cost.pivot_table(index="method", columns=["model", "what"], values="seconds_per_image") \
+        if not board.cost.empty else pd.DataFrame()
+    if not cost.empty:
+        cost.columns = [f"{m} {w}" for m, w in cost.columns]
+    sections.append(("cost", "Cost (seconds per image)", [table_html(cost, index=True)]))
+    details = ["<h3>Not applicable</h3>", table_html(board.not_applicable)]
+    if not board.loc_error.empty:
+        details += ["<h3>Localisation error (CAM protocol, top-1 / top-5 at IoU &ge; 0.5)</h3>",
+                    table_html(board.loc_error)]
+    if board.missing is not None and not board.missing.empty:
+        details += ["<h3>Metrics without a rank term</h3>", table_html(board.missing)]
+    if not board.skipped.empty:
+        details += ["<h3>Skipped images</h3>", table_html(board.skipped)]
+    details += [_img(p, "rank agreement between metrics") for p in png(agree)]
+    details += ["<h3>Per-metric scores</h3>", table_html(board.metrics.drop(columns=["p_vs_random_raw",
+                                                                                  "p_vs_next_raw"], errors="ignore"))]
+    sections.append(("details", "Details", details))
+    inspection = _inspection(run)
+    body = [f"<h1>saliencybench report: {html.escape(run.run_id)}</h1>",
+            f"<p class='muted'>data set {html.escape(run.config.dataset)}, {board.info.get('n_images', 0)} images, "
+            f"{len(run.config.models)} models, {len(run.config.methods)} methods; started "
+            f"{html.escape(str(meta.get('started', '')))}</p>",
+            "<div class='summary' id='summary'><b>Summary.</b> " +
+            " ".join(html.escape(s) for s in summary_sentences(board) or ["No scored rows yet."]) +
+            " <span class='muted'>Ranks: 1 is best; metric ranks averaged per criterion, criteria averaged "
+            "overall (LATEC); groups: methods not separable at 0.05.</span></div>",
+            "<nav><ul>" + "".join(f"<li><a href='#{i}'>{html.escape(t)}</a></li>" for i, t, _ in sections) +
+            ("<li><a href='#inspection'>Model inspection</a></li>" if inspection else "") +
+            "<li><a href='#config'>Config</a></li></ul></nav>"]
+    for sid, title, part in sections:
+        body += [f"<section id='{sid}'><h2>{html.escape(title)}</h2>", *part, "</section>"]
+    if inspection:
+        body += ["<section id='inspection'><h2>Model inspection</h2><details><summary>show</summary>", inspection,
+                 "</details></section>"]
+    body += ["<section id='config'><h2>Config</h2><details><summary>show</summary><pre>" +
+             html.escape(json.dumps(meta.get("config", {}), indent=2)) + "</pre><pre>" +
+             html.escape(json.dumps(meta.get("versions", {}), indent=2)) + "</pre></details></section>"]
+    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><meta name='viewport' content='width=device-width'>"
+            f"<title>saliencybench report {html.escape(run.run_id)}</title><style>{CSS}</style></head><body>"
+            + "\n".join(body) + "</body></html>")
     path = run.path / "report.html"
-    path.write_text("\n".join(parts))
+    path.write_text(page)
     return path
+
+
+def _inspection(run: Run) -> str:
+    if not run.config.inspect:
+        return ""
+    from .inspection import inspection_figures
+
+    try:
+        paths, numbers = inspection_figures(run)
+    except SaliencyBenchError as e:
+        return f"<p class='muted'>inspection skipped: {html.escape(str(e))}</p>"
+    return table_html(pd.DataFrame(numbers)) + "".join(_img(p) for p in paths if p.suffix == ".png")

@@ -96,9 +96,18 @@ class Run:
         return ids, torch.stack(maps) if same else maps
 
     def leaderboard(self) -> pd.DataFrame:
+        """Method x (model, metric) table of scores with 95% CIs and mean ranks (see :meth:`board` for
+        the ranking with significance, criteria, groups and sanity verdicts)."""
         from .leaderboard import leaderboard
 
         return leaderboard(self.results, metric_params=self.config.metric_params)
+
+    def board(self) -> Any:
+        """The full :class:`~.tables.Board`: per-metric scores, CIs, ranks and groups, criterion and overall
+        ranks, across-model ranks, sanity verdicts, settings, costs."""
+        from .report import _rows_and_board
+
+        return _rows_and_board(self)[1]
 
     def score(self, metrics: list[str], *, methods: list[str] | None = None, models: list[str] | None = None,
               metric_params: dict[str, dict[str, Any]] | None = None, progress: bool = True,

@@ -27,6 +27,8 @@ names a metric:
 - ``scaled``: ``(H, W) -> {param: value}`` for defaults that depend on the image
   size (declared ``None`` in the signature); the resolved value is what is recorded;
 - ``constraints``: ranges/choices checked with the config before any work starts;
+- ``verdict``: for randomisation checks, the output whose per-image similarity at the last
+  stage decides pass / fail (shown beside the ranks, never a rank term);
 - ``unit``: what a value measures; ``"IoU"`` values of a box also give the CAM protocol's
   top-1/top-5 localisation error table;
 - ``schedule``: runner options every metric takes (``n_images``: score only the
@@ -187,6 +189,7 @@ class MetricSpec:
     stats: Callable[..., np.ndarray] | None = None
     reduce: Callable[[Pooled, Mapping[str, Any]], float | dict[str, float]] = mean_reduce
     unit: str = ""
+    verdict: str | None = None
 
     def check_params(self, params: Mapping[str, Any]) -> None:
         """Names, types, ranges and scheduling options of ``params``; raises :class:`InvalidInputError`."""
@@ -302,6 +305,7 @@ def register_metric(
     schedule: Mapping[str, Any] | None = None, scorer: Scorer | None = None,
     stats: Callable[..., np.ndarray] | None = None,
     reduce: Callable[[Pooled, Mapping[str, Any]], float | dict[str, float]] | None = None, unit: str = "",
+    verdict: str | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator registering ``fn`` as metric ``name`` with the contract described in this module."""
     kinds = (inputs,) if isinstance(inputs, str) else tuple(inputs)
@@ -323,7 +327,7 @@ def register_metric(
         METRICS.add(name, MetricSpec(
             name, fn, paper, higher_is_better, kinds, criterion, value_range, keyword_defaults(fn), summary, heatmap,
             level, tuple(outputs), tuple(columns), group, ranked, scaled, dict(constraints or {}), sched, scorer, stats,
-            reduce or mean_reduce, unit))
+            reduce or mean_reduce, unit, verdict))
         return fn
 
     return deco

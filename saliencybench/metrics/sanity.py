@@ -162,6 +162,7 @@ def _score_sanity(spec: MetricSpec, batch: ScoreBatch, params: dict[str, Any]) -
     outputs=("sanity_spearman_abs", "sanity_spearman", "sanity_ssim"),
     schedule={"n_images": 8, "methods": ["saliency", "guided_backprop", "gradcam"]},
     scorer=_score_sanity,
+    verdict="sanity_spearman_abs",
     constraints={"order": ("cascading", "independent"), "granularity": ("block", "layer"), "seed": ">=0"},
 )
 def sanity_randomization(
