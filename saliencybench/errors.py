@@ -20,7 +20,7 @@ class UnknownNameError(SaliencyBenchError, KeyError):
 
     def __init__(self, kind: str, name: str, valid: Iterable[str]):
         valid = sorted(valid)
-        close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
+        close = difflib.get_close_matches(str(name), valid, n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         shown = valid if len(valid) <= 40 else valid[:40] + [f"... ({len(valid) - 40} more)"]
         self.kind, self.name, self.valid = kind, name, valid
@@ -28,6 +28,9 @@ class UnknownNameError(SaliencyBenchError, KeyError):
 
     def __str__(self) -> str:  # KeyError would otherwise repr() the message
         return self.args[0]
+
+    def __reduce__(self) -> tuple:  # picklable (worker processes send errors back to the parent)
+        return (type(self), (self.kind, self.name, self.valid))
 
 
 class NotApplicableError(SaliencyBenchError):

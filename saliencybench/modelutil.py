@@ -414,6 +414,12 @@ def target_score(logits: torch.Tensor, targets: torch.Tensor, score: str = "logi
         vals = logits.log_softmax(-1)
     else:
         raise InvalidInputError(f"unknown score {score!r}; use one of {SCORES}")
+    if logits.ndim != 2:
+        raise InvalidInputError(f"the model returned outputs of shape {tuple(logits.shape)}; a classifier's "
+                                "logits [B, classes] are needed")
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= logits.shape[1]):
+        raise InvalidInputError(f"targets {sorted(set(targets.tolist()))} out of range for the model's "
+                                f"{logits.shape[1]} classes")
     return vals.gather(1, targets.view(-1, 1)).squeeze(1)
 
 

@@ -30,10 +30,28 @@ def check_images(images: object) -> torch.Tensor:
             f"images must be a floating tensor normalised for the model, got dtype {images.dtype}; "
             "use images.float() and apply the model's mean/std normalisation"
         )
+    if images.is_meta:
+        raise InvalidInputError("images are on the 'meta' device (no data); create them on 'cpu' or 'cuda'")
     if not torch.isfinite(images).all():
         bad = (~torch.isfinite(images)).flatten(1).any(1).nonzero().flatten().tolist()
         raise InvalidInputError(f"images contain NaN or infinite values in samples {bad}")
     return images
+
+
+def check_model_inputs(model: torch.nn.Module, images: torch.Tensor) -> None:
+    """Check ``images`` have the dtype and device of ``model``'s weights (a clear error instead of torch's)."""
+    p = next((t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()), None)
+    if p is None:
+        return
+    if p.is_meta:
+        raise InvalidInputError("the model's weights are on the 'meta' device (not loaded); load weights first, "
+                                "e.g. model.to_empty(device='cpu') then load_state_dict")
+    if p.device != images.device:
+        raise InvalidInputError(f"images are on {images.device} but the model is on {p.device}; move one of them "
+                                f"(images.to('{p.device}') or model.to('{images.device}'))")
+    if p.dtype != images.dtype:
+        raise InvalidInputError(f"images are {images.dtype} but the model's weights are {p.dtype}; use "
+                                f"images.to({p.dtype}) or model.to({images.dtype})")
 
 
 def check_targets(targets: object, batch: int, num_classes: int | None = None) -> torch.Tensor:

@@ -90,8 +90,9 @@ class ProcessExecutor:
             futures = {pool.submit(_run_in_worker, units[i], done): i for i in pending}
             try:
                 for future in as_completed(futures):
+                    done_tasks = future.result()  # raises BrokenProcessPool for the units a dead worker had
                     finished.add(futures[future])
-                    yield future.result()
+                    yield done_tasks
                 pending = []
             except BrokenProcessPool:
                 lost = [i for i in pending if i not in finished]

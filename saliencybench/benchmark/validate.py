@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
+from pathlib import Path
 
 from ..errors import SaliencyBenchError, UnknownNameError
 from ..methods.base import get_method
@@ -70,6 +71,9 @@ def check_model_name(name: str) -> None:
 
 def validate(cfg: RunConfig) -> RunConfig:
     """Check the whole config; return it with duplicate names removed. Raises :class:`SaliencyBenchError`."""
+    from . import load_all
+
+    load_all()
     load_plugins(cfg.plugins)
     cfg = dataclasses.replace(cfg, models=_dedupe("models", cfg.models), methods=_dedupe("methods", cfg.methods),
                               metrics=_dedupe("metrics", cfg.metrics))
@@ -101,6 +105,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     for name, path in cfg.checkpoints.items():
         if name not in cfg.models:
             raise UnknownNameError("model in --checkpoint", name, cfg.models)
+        if not Path(path).is_file():
+            from .models import ModelLoadError
+
+            raise ModelLoadError(f"checkpoint {path!r} of model {name!r} does not exist; pass the path of a "
+                                 ".safetensors or .pt file")
     from .inspection import INSPECTIONS
 
     bad = sorted(set(cfg.inspect) - set(INSPECTIONS))

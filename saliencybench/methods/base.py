@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import InvalidInputError, NotApplicableError
 from ..modelutil import model_guard, num_classes
 from ..registry import Constraint, Registry, check_params, keyword_defaults
-from ..validation import check_images, check_targets
+from ..validation import check_images, check_model_inputs, check_targets
 
 MethodFn = Callable[..., torch.Tensor]
 
@@ -187,6 +187,7 @@ def explain(
     """
     spec = get_method(method)
     images = check_images(images)
+    check_model_inputs(model, images)
     if targets is None:  # the model's top-1 predictions, as Captum and pytorch-grad-cam allow
         with model_guard(model), torch.no_grad():
             targets = model(images).argmax(1)
