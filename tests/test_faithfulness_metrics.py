@@ -461,8 +461,10 @@ def test_runner_path_equals_direct_call(net, data, name, params, direct):
     spec = get_metric(name)
     assert spec.criterion == "faithfulness" and spec.inputs == ("model",)
     spec.check_params(params)
+    before = snapshot(net)
     res = spec.score(ScoreBatch(net, x, t, heat), params)
     want = direct(net, x, t, heat)
+    assert_same_state(before, snapshot(net))
     if isinstance(want, tuple):
         want, curves = want
         assert [json.loads(c) for c in res.extra["curve"]] == [[round(float(v), 6) for v in r] for r in curves]

@@ -5,12 +5,12 @@ Protocol. Pixels are ranked by heatmap value, highest first (ties broken by a
 seeded random permutation, as :func:`~saliencybench.metrics.perturbation_curves.pixel_ranks`).
 At each fraction f (default 0.1, 0.2, ..., 0.9) the k = int(H*W*f) most relevant
 pixels (MoRF) or the k least relevant (LeRF) are removed by *noisy linear
-imputation* (the authors' ``NoisyLinearImputer``): each removed pixel takes the
+imputation* (the authors' ``NoisyLinearImputer``): each removed pixel is the
 weighted mean of its in-image 8-neighbours, weight 1/6 for the four direct and
-1/12 for the four diagonal ones, neighbours outside the image dropped and the
-weights of the others not renormalised by hand but through the equation (the
-pixel's coefficient is minus the sum of its in-image weights). All removed
-pixels of an image are unknowns of one sparse linear system, per channel:
+1/12 for the four diagonal ones; neighbours outside the image are dropped and the
+mean divides by the in-image weights' sum s_i (the authors' diagonal is
+``-(1 - the outside weights)``). All removed pixels of an image are unknowns of
+one sparse linear system, per channel:
 ``s_i x_i - sum_{j removed} w_ij x_j = sum_{k kept} w_ik v_k``, solved exactly;
 then Gaussian noise of std ``noise`` (default 0.01) is added to the imputed
 values. The images here are normalised for the model, so the noise is in
@@ -29,6 +29,11 @@ targets (the authors' accuracy compares with the data set's labels),
 predictions). MoRF: lower is better; LeRF: higher is better. The authors' LeRF
 call ``ImputedDataset(remove=False, th_p=p)`` removes the H*W - int(H*W*p) least
 relevant pixels, i.e. our LeRF at 1 - p; our fractions always count removed pixels.
+The authors break ties by adding fixed 1e-4 noise to the min-max normalised map;
+we use the seeded permutation, which orders any tie-free map as they do unless two
+values lie within ~1e-4 of the map's range. Quantus' ``ROAD`` (MoRF only,
+percentages) equals ours with ``score="accuracy"``, except that Quantus 0.6 ranks
+the map broadcast to the three channels and so fails on RGB images (see the tests).
 
 Cost. The solve is the cost. Per (image, order, fraction) the system is built
 straight into compressed-column form from a neighbour table cached per image
@@ -272,8 +277,9 @@ def stream_scores(stacks: Iterator[torch.Tensor], job_targets: torch.Tensor, bat
     return torch.cat(out)
 
 
-def _check(images: torch.Tensor, heatmaps: torch.Tensor, fractions: object, order: str, noise: float,
-           score: str, target: str) -> list[str]:
+def _check(heatmaps: torch.Tensor, fractions: object, order: str, noise: float, score: str,
+           target: str) -> list[str]:
+    """The orders to compute; raises :class:`InvalidInputError` on a bad option or a constant map."""
     problem = check_fractions(fractions)
     if problem:
         raise InvalidInputError(f"ROAD fractions {problem}, got {fractions!r}")
@@ -298,18 +304,12 @@ def road_perturbations(images: torch.Tensor, heatmaps: torch.Tensor, *, fraction
     """The images ROAD scores: ``{order: Tensor[B,F,3,H,W]}`` for ``order`` ``morf``, ``lerf`` or
     ``both``; images Tensor[B,3,H,W] (normalised), heatmaps Tensor[B,H,W]. Exactly what :func:`road`
     feeds the model for the same arguments."""
-    images = _prepare_images(images, heatmaps)
-    heatmaps = heatmaps.to(images.device).float()
-    orders = _check(images, heatmaps, fractions, order, noise, "probability", "label")
+    images = check_images(images)
+    heatmaps = check_heatmaps(heatmaps, images).to(images.device)
+    orders = _check(heatmaps, fractions, order, noise, "probability", "label")
     per = torch.stack(list(_perturbed_images(images, heatmaps, fractions, orders, noise, seed)))
     per = per.view(len(images), len(orders), len(fractions), *images.shape[1:])
     return {o: per[:, j] for j, o in enumerate(orders)}
-
-
-def _prepare_images(images: torch.Tensor, heatmaps: torch.Tensor) -> torch.Tensor:
-    images = check_images(images)
-    check_heatmaps(heatmaps, images)
-    return images
 
 
 def road(
@@ -327,7 +327,7 @@ def road(
     module docstring. Deterministic for ``seed`` (tie-break and noise).
     """
     images, targets, heatmaps = _prepare(model, images, targets, heatmaps)
-    orders = _check(images, heatmaps, fractions, order, noise, score, target)
+    orders = _check(heatmaps, fractions, order, noise, score, target)
     batch_size = resolve_batch_size(batch_size, model, images)
     b, n_o, n_f = len(images), len(orders), len(fractions)
     with model_guard(model), torch.inference_mode(), fast_inference(model, images) as fmt:
