@@ -1,0 +1,414 @@
+"""ROAD: RemOve And Debias (Rong, Leemann, Borisov, Kasneci, Kasneci. A Consistent and
+Efficient Evaluation Strategy for Attribution Methods. ICML 2022; code tleemann/road_evaluation).
+
+Protocol. Pixels are ranked by heatmap value, highest first (ties broken by a
+seeded random permutation, as :func:`~saliencybench.metrics.perturbation_curves.pixel_ranks`).
+At each fraction f (default 0.1, 0.2, ..., 0.9) the k = int(H*W*f) most relevant
+pixels (MoRF) or the k least relevant (LeRF) are removed by *noisy linear
+imputation* (the authors' ``NoisyLinearImputer``): each removed pixel is the
+weighted mean of its in-image 8-neighbours, weight 1/6 for the four direct and
+1/12 for the four diagonal ones; neighbours outside the image are dropped and the
+mean divides by the in-image weights' sum s_i (the authors' diagonal is
+``-(1 - the outside weights)``). All removed pixels of an image are unknowns of
+one sparse linear system, per channel:
+``s_i x_i - sum_{j removed} w_ij x_j = sum_{k kept} w_ik v_k``, solved exactly;
+then Gaussian noise of std ``noise`` (default 0.01) is added to the imputed
+values. The images here are normalised for the model, so the noise is in
+normalised space (the authors impute before normalising, in [0,1] pixel space:
+their 0.01 is 0.01/std_c here, about 0.044 for ImageNet's stds; the imputation
+itself commutes with the per-channel normalisation). The curve is the tracked
+score at each fraction; its summary is the *mean of the curve over the
+fractions* (an AUC with equal weights, the clean image not included).
+
+Tracked score: the target's softmax probability (``score="probability"``);
+``score="accuracy"`` (1 when the perturbed image's top class is the target) is
+what the authors' ``road_eval`` reports as the ROAD curve and what Quantus'
+``ROAD`` returns; ``score="logit"`` optional. ``target="label"`` tracks the given
+targets (the authors' accuracy compares with the data set's labels),
+``"predicted"`` the clean image's top class (their probability uses the model's
+predictions). MoRF: lower is better; LeRF: higher is better. The authors' LeRF
+call ``ImputedDataset(remove=False, th_p=p)`` removes the H*W - int(H*W*p) least
+relevant pixels, i.e. our LeRF at 1 - p; our fractions always count removed pixels.
+The authors break ties by adding fixed 1e-4 noise to the min-max normalised map;
+we use the seeded permutation, which orders any tie-free map as they do unless two
+values lie within ~1e-4 of the map's range. Quantus' ``ROAD`` (MoRF only,
+percentages) equals ours with ``score="accuracy"``, except that Quantus 0.6 ranks
+the map broadcast to the three channels and so fails on RGB images (see the tests).
+
+Cost. The solve is the cost. Per (image, order, fraction) the system is built
+straight into compressed-column form from a neighbour table cached per image
+size, ordered by a geometric nested dissection of the pixel grid (computed once
+per size; restricted to any removed set it is still a fill-reducing order), and
+factorised once by SuperLU without pivoting (the matrix is symmetric positive
+definite) for the three channels as one multi-right-hand-side solve. The removed
+sets of the fractions are nested, but one factorisation cannot serve them all:
+that needs the fractions' pixels eliminated shell by shell, which fills the
+factor about five times more and is slower than nine separate solves. The
+perturbed images of all fractions, orders and images share forward passes of
+``batch_size`` on the model's device (:func:`~saliencybench.modelutil.fast_inference`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from scipy.sparse.linalg import splu
+from torch import nn
+
+from ..errors import InvalidInputError
+from ..modelutil import fast_inference, model_guard, resolve_batch_size, safe_forward, target_score, upcast
+from ..validation import check_heatmaps, check_images
+from .base import MetricResult, MetricSpec, ScoreBatch, heatmap_form, register_metric, register_metric_group
+from .perturbation_curves import _prepare, pixel_ranks
+
+PAPER = ("Rong, Leemann, Borisov, Kasneci, Kasneci. A Consistent and Efficient Evaluation Strategy for "
+         "Attribution Methods. ICML 2022")
+FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+ORDERS = ("morf", "lerf")
+ROAD_SCORES = ("probability", "logit", "accuracy")
+TARGETS = ("label", "predicted")
+# (row offset, column offset, weight): the authors' neighbour weights
+NEIGHBOURS = ((1, 1, 1 / 12), (0, 1, 1 / 6), (-1, 1, 1 / 12), (1, -1, 1 / 12),
+              (0, -1, 1 / 6), (-1, -1, 1 / 12), (1, 0, 1 / 6), (-1, 0, 1 / 6))
+WEIGHTS = np.array([wt for _, _, wt in NEIGHBOURS])
+WEIGHTS_EXT = np.concatenate([WEIGHTS, np.zeros(8)])  # indexed by a key's slot (0-7 neighbours, 8 diagonal)
+
+
+def _nested_dissection(h: int, w: int, leaf: int = 32) -> np.ndarray:
+    """Pixel indices of an H x W grid in geometric nested-dissection order: Int array[H*W].
+
+    A block is split by its middle row (or column, whichever side is longer); the
+    two halves come first, the one-pixel separator last (8-neighbours differ by at
+    most one row, so a row separates). Blocks of at most ``leaf`` pixels stay raster.
+    """
+    parts: list[np.ndarray] = []
+
+    def rec(r0: int, r1: int, c0: int, c1: int) -> None:
+        if r1 <= r0 or c1 <= c0:
+            return
+        if (r1 - r0) * (c1 - c0) <= leaf:
+            parts.append((np.arange(r0, r1)[:, None] * w + np.arange(c0, c1)).ravel())
+        elif r1 - r0 >= c1 - c0:
+            m = (r0 + r1) // 2
+            rec(r0, m, c0, c1)
+            rec(m + 1, r1, c0, c1)
+            parts.append(m * w + np.arange(c0, c1))
+        else:
+            m = (c0 + c1) // 2
+            rec(r0, r1, c0, m)
+            rec(r0, r1, m + 1, c1)
+            parts.append(np.arange(r0, r1) * w + m)
+
+    rec(0, h, 0, w)
+    return np.concatenate(parts)
+
+
+@lru_cache(maxsize=8)
+def _grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(neighbours Int[H*W,8] (-1 outside the image), in-image weight sums Float64[H*W],
+    nested-dissection order Int[H*W]) of an H x W image."""
+    ys, xs = np.divmod(np.arange(h * w), w)
+    nbr = np.full((h * w, len(NEIGHBOURS)), -1, dtype=np.int64)
+    for k, (dy, dx, _) in enumerate(NEIGHBOURS):
+        ny, nx = ys + dy, xs + dx
+        ok = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+        nbr[ok, k] = ny[ok] * w + nx[ok]
+    return nbr, (nbr >= 0) @ WEIGHTS, _nested_dissection(h, w)
+
+
+def _neighbour_sums(image: np.ndarray) -> np.ndarray:
+    """Sum over each pixel's in-image neighbours of weight x value: Float64[C,H,W] for Float64[C,H,W]."""
+    _, h, w = image.shape
+    out = np.zeros_like(image)
+    for dy, dx, wt in NEIGHBOURS:
+        out[:, max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)] += \
+            wt * image[:, max(0, dy):h - max(0, -dy), max(0, dx):w - max(0, -dx)]
+    return out
+
+
+def solve_imputation(image: np.ndarray, is_removed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Noise-free linear imputation of one image ``image`` Float64[C,H,W] whose pixels
+    ``is_removed`` Bool[H*W] are unknown: (their indices Int[n] in nested-dissection
+    order, their values Float64[n,C] in that order).
+
+    Row i of the system: ``s_i y_i - sum_j w_ij y_j = sum_k w_ik v_k`` (j removed and
+    k kept in-image neighbours, s_i the sum of in-image weights), the authors'
+    ``-A y = -b``. The matrix is assembled straight into sorted compressed columns
+    (it is symmetric, so its rows are its columns), the right-hand side from eight
+    shifted sums of the image with the removed pixels zeroed.
+    """
+    c, h, w = image.shape
+    nbr, wsum, nd = _grid(h, w)
+    order = nd[is_removed[nd]]
+    n = len(order)
+    if n == 0:
+        return order, np.zeros((0, c))
+    var = np.full(h * w + 1, -1, dtype=np.int64)  # the last entry answers the -1 of outside neighbours
+    var[order] = np.arange(n)
+    nb_var = var[nbr[order]]  # [n, 8]: the neighbour's unknown's index, -1 for kept or outside
+    slots = len(NEIGHBOURS)
+    # one sortable key per entry: column * 16 + slot (slot 8: the diagonal); absent entries sort last
+    keys = np.where(nb_var >= 0, nb_var * 16 + np.arange(slots), np.iinfo(np.int64).max)
+    keys = np.concatenate([keys, (np.arange(n) * 16 + slots)[:, None]], axis=1)
+    keys.sort(axis=1)
+    present = keys != np.iinfo(np.int64).max
+    keys = keys[present]
+    slot = keys & 15
+    values = np.where(slot == slots, np.repeat(wsum[order], present.sum(1)), -WEIGHTS_EXT[slot])
+    indptr = np.concatenate([[0], np.cumsum(present.sum(1))])
+    matrix = sp.csc_matrix((values, keys >> 4, indptr), shape=(n, n))
+    rhs = _neighbour_sums(np.where(is_removed.reshape(h, w), 0.0, image)).reshape(c, -1)[:, order].T
+    # No pivoting: the matrix is symmetric positive definite. relax = panel_size = 10: SuperLU sizes
+    # a statistics array by its built-in defaults (max(panel, relax) + 1 entries: 21 in SuperLU 5+,
+    # 11 in older ones) and indexes it by the sizes passed here, so values above those defaults
+    # corrupt the heap; 10 is within every version and ~10% faster than scipy's defaults here.
+    lu = splu(matrix, permc_spec="NATURAL", diag_pivot_thresh=0.0, relax=10, panel_size=10,
+              options={"SymmetricMode": True})
+    return order, lu.solve(np.ascontiguousarray(rhs))
+
+
+def _impute_into(image: np.ndarray, removed: np.ndarray, noise: float, rng: np.random.Generator) -> np.ndarray:
+    """``image`` Float64[C,H,W] with pixels ``removed`` (Int array) imputed plus N(0, noise^2): a copy.
+    The noise is drawn [C, n] in raster order of the removed pixels."""
+    c, h, w = image.shape
+    flat = image.reshape(c, h * w).copy()
+    if len(removed):
+        is_removed = np.zeros(h * w, dtype=bool)
+        is_removed[removed] = True
+        order, solved = solve_imputation(image, is_removed)
+        flat[:, order] = solved.T
+        if noise:
+            flat[:, np.flatnonzero(is_removed)] += noise * rng.standard_normal((c, len(order)))
+    return flat.reshape(c, h, w)
+
+
+def noisy_linear_impute(images: torch.Tensor, removed: torch.Tensor, *, noise: float = 0.01,
+                        seed: int = 0) -> torch.Tensor:
+    """The authors' noisy linear imputation of ``removed`` BoolTensor[B,H,W] pixels in
+    ``images`` Tensor[B,C,H,W] (all channels): Tensor[B,C,H,W], kept pixels unchanged.
+
+    Solved in float64, returned in the images' dtype; the noise (std ``noise``)
+    is drawn in raster order of the removed pixels from numpy's generator
+    seeded with ``[seed, image position]``.
+    """
+    if not isinstance(removed, torch.Tensor) or removed.shape != (images.shape[0], *images.shape[2:]):
+        raise InvalidInputError(f"removed must be a BoolTensor[B,H,W] matching the images {tuple(images.shape)}")
+    if removed.flatten(1).all(1).any():
+        raise InvalidInputError("removed covers a whole image: linear imputation needs at least one kept pixel")
+    _check_noise(noise)
+    out = [_impute_into(img, np.flatnonzero(rem), noise, np.random.default_rng([seed, i]))
+           for i, (img, rem) in enumerate(zip(images.detach().double().cpu().numpy(),
+                                              removed.cpu().numpy().reshape(len(images), -1)))]
+    return torch.from_numpy(np.stack(out)).to(images.device, images.dtype)
+
+
+def _check_noise(noise: float) -> None:
+    if not isinstance(noise, (int, float)) or isinstance(noise, bool) or not np.isfinite(noise) or noise < 0:
+        raise InvalidInputError(f"noise must be a finite standard deviation >= 0, got {noise!r}")
+
+
+def check_fractions(fractions: object) -> str | None:
+    """The problem with ``fractions`` (a non-empty sequence of numbers in (0, 1)), or None."""
+    if not isinstance(fractions, (list, tuple)) or not fractions:
+        return "must be a non-empty list of fractions of pixels removed, each in (0, 1)"
+    bad = [f for f in fractions if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1]
+    return f"must each lie in (0, 1) (strictly: removing no or all pixels is not a ROAD step); bad: {bad}" \
+        if bad else None
+
+
+def _removal_sets(ranks: np.ndarray, counts: Sequence[int], orders: Sequence[str]) -> list[np.ndarray]:
+    """Removed pixel indices per (order, count), order-major: MoRF the ``k`` lowest ranks
+    (most relevant), LeRF the ``k`` highest."""
+    n = len(ranks)
+    return [np.flatnonzero(ranks < k) if o == "morf" else np.flatnonzero(ranks >= n - k)
+            for o in orders for k in counts]
+
+
+def _perturbed_images(images: torch.Tensor, heatmaps: torch.Tensor, fractions: Sequence[float],
+                      orders: Sequence[str], noise: float, seed: int):
+    """Yield, per image, its ROAD images Tensor[O*F,3,H,W] (order-major) in the images' dtype and device.
+
+    The noise of image i in order o comes from numpy's generator seeded with
+    ``[seed, i, 0 (MoRF) or 1 (LeRF)]``, fraction after fraction, so an order's
+    images do not depend on whether the other order is computed too.
+    """
+    _, c, h, w = images.shape
+    counts = [int(h * w * f) for f in fractions]
+    ranks = pixel_ranks(heatmaps, seed).cpu().numpy()
+    for i, img in enumerate(images.detach().double().cpu().numpy()):
+        stack = []
+        for o in orders:
+            rng = np.random.default_rng([seed, i, ORDERS.index(o)])
+            stack += [_impute_into(img, rem, noise, rng) for rem in _removal_sets(ranks[i], counts, [o])]
+        yield torch.from_numpy(np.stack(stack)).to(images.device, images.dtype)
+
+
+def stream_scores(stacks: Iterator[torch.Tensor], job_targets: torch.Tensor, batch_size: int,
+                  forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Scores Tensor[N] of the N inputs that ``stacks`` yields in stacks Tensor[n_i,3,H,W], in
+    forward passes of exactly ``batch_size`` (the last one smaller) across stack boundaries:
+    ``forward(x, job_targets[slice])`` per batch. Holds at most one batch plus one stack."""
+    out: list[torch.Tensor] = []
+    pending: list[torch.Tensor] = []
+    held = done = 0
+
+    def flush(final: bool) -> None:
+        nonlocal pending, held, done
+        x = torch.cat(pending) if len(pending) > 1 else pending[0]
+        while len(x) >= batch_size or (final and len(x)):
+            batch, x = x[:batch_size], x[batch_size:]
+            out.append(forward(batch, job_targets[done:done + len(batch)]))
+            done += len(batch)
+        pending, held = ([x] if len(x) else []), len(x)
+
+    for stack in stacks:
+        pending.append(stack)
+        held += len(stack)
+        if held >= batch_size:
+            flush(False)
+    if held:
+        flush(True)
+    return torch.cat(out)
+
+
+def _check(heatmaps: torch.Tensor, fractions: object, order: str, noise: float, score: str,
+           target: str) -> list[str]:
+    """The orders to compute; raises :class:`InvalidInputError` on a bad option or a constant map."""
+    problem = check_fractions(fractions)
+    if problem:
+        raise InvalidInputError(f"ROAD fractions {problem}, got {fractions!r}")
+    if order not in (*ORDERS, "both"):
+        raise InvalidInputError(f"ROAD order must be 'morf', 'lerf' or 'both', got {order!r}")
+    if score not in ROAD_SCORES:
+        raise InvalidInputError(f"ROAD score must be one of {ROAD_SCORES}, got {score!r}")
+    if target not in TARGETS:
+        raise InvalidInputError(f"ROAD target must be one of {TARGETS}, got {target!r}")
+    _check_noise(noise)
+    flat = heatmaps.flatten(1)
+    const = (flat.amax(1) == flat.amin(1)).nonzero().flatten().tolist()
+    if const:
+        raise InvalidInputError(
+            f"heatmaps of samples {const} are constant (e.g. all zero): ROAD removes pixels in heatmap order and "
+            "a constant map has none; fix the method, or pass torch.rand maps to score random removal")
+    return list(ORDERS) if order == "both" else [order]
+
+
+def road_perturbations(images: torch.Tensor, heatmaps: torch.Tensor, *, fractions: Sequence[float] = FRACTIONS,
+                       order: str = "morf", noise: float = 0.01, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The images ROAD scores: ``{order: Tensor[B,F,3,H,W]}`` for ``order`` ``morf``, ``lerf`` or
+    ``both``; images Tensor[B,3,H,W] (normalised), heatmaps Tensor[B,H,W]. Exactly what :func:`road`
+    feeds the model for the same arguments."""
+    images = check_images(images)
+    heatmaps = check_heatmaps(heatmaps, images).to(images.device)
+    orders = _check(heatmaps, fractions, order, noise, "probability", "label")
+    per = torch.stack(list(_perturbed_images(images, heatmaps, fractions, orders, noise, seed)))
+    per = per.view(len(images), len(orders), len(fractions), *images.shape[1:])
+    return {o: per[:, j] for j, o in enumerate(orders)}
+
+
+def road(
+    model: nn.Module, images: torch.Tensor, targets: torch.Tensor, heatmaps: torch.Tensor, *,
+    fractions: Sequence[float] = FRACTIONS, order: str = "morf", noise: float = 0.01, seed: int = 0,
+    score: str = "probability", target: str = "label", batch_size: int | str = 64,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """ROAD curves and summaries: ``{order: (summary Tensor[B], curves Tensor[B,F])}``.
+
+    images Tensor[B,3,H,W] normalised for the model, targets LongTensor[B],
+    heatmaps Tensor[B,H,W]; ``order`` ``"morf"``, ``"lerf"`` or ``"both"`` (both
+    computed in one pass over the images); ``curves[:, j]`` is the tracked
+    ``score`` after removing ``int(H*W*fractions[j])`` pixels; ``summary`` is the
+    mean of the curve over the fractions. Protocol, scores and targets: see the
+    module docstring. Deterministic for ``seed`` (tie-break and noise).
+    """
+    images, targets, heatmaps = _prepare(model, images, targets, heatmaps)
+    orders = _check(heatmaps, fractions, order, noise, score, target)
+    batch_size = resolve_batch_size(batch_size, model, images)
+    b, n_o, n_f = len(images), len(orders), len(fractions)
+    with model_guard(model), torch.inference_mode(), fast_inference(model, images) as fmt:
+
+        def forward(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            logits = upcast(safe_forward(model, fmt(x)))
+            if score == "accuracy":
+                return (logits.argmax(1) == t).to(logits.dtype)
+            return target_score(logits, t, score)
+
+        if target == "predicted":
+            targets = torch.cat([safe_forward(model, fmt(images[i:i + batch_size])).argmax(1)
+                                 for i in range(0, b, batch_size)])
+        job_t = targets.repeat_interleave(n_o * n_f)
+        scores = stream_scores(_perturbed_images(images, heatmaps, fractions, orders, noise, seed), job_t,
+                               batch_size, forward)
+    curves = scores.view(b, n_o, n_f)
+    return {o: (curves[:, j].mean(1), curves[:, j]) for j, o in enumerate(orders)}
+
+
+# ---- registry ---------------------------------------------------------------------------------
+
+CONSTRAINTS = {"fractions": check_fractions, "noise": ">=0", "score": ROAD_SCORES, "target": TARGETS}
+
+
+def curve_column(curves: torch.Tensor) -> list[str]:
+    """Per-image curves Tensor[B,F] as JSON strings (the results' ``curve`` column)."""
+    return [json.dumps([round(float(c), 6) for c in row]) for row in curves]
+
+
+def road_group_scorer(batch: ScoreBatch, requested: dict[str, dict[str, Any]]) -> dict[str, MetricResult]:
+    """Score the requested ROAD members (``road_morf``, ``road_lerf``); members with the same
+    parameters share one :func:`road` call (``order="both"``)."""
+    heat = heatmap_form(batch.heatmaps, "as_is")
+    out: dict[str, MetricResult] = {}
+    todo = list(requested.items())
+    while todo:
+        name, params = todo.pop(0)
+        names = [name] + [n for n, p in todo if p == params]
+        todo = [(n, p) for n, p in todo if n not in names]
+        orders = [n.removeprefix("road_") for n in names]
+        res = road(batch.model, batch.images, batch.targets, heat, order="both" if len(orders) == 2 else orders[0],
+                   **params)
+        for n, o in zip(names, orders):
+            summary, curves = res[o]
+            out[n] = MetricResult({n: summary}, extra={"curve": curve_column(curves)}, params=dict(params))
+    return out
+
+
+def _member_scorer(spec: MetricSpec, batch: ScoreBatch, params: dict[str, Any]) -> MetricResult:
+    return road_group_scorer(batch, {spec.name: params})[spec.name]
+
+
+register_metric_group("road", road_group_scorer)
+
+
+@register_metric("road_morf", paper=PAPER, higher_is_better=False, inputs="model", criterion="faithfulness",
+                 columns=("curve",), group="road", constraints=CONSTRAINTS, scorer=_member_scorer)
+def road_morf(
+    model: nn.Module, images: torch.Tensor, targets: torch.Tensor, heatmaps: torch.Tensor, *,
+    fractions: tuple[float, ...] | list[float] = FRACTIONS, noise: float = 0.01, seed: int = 0,
+    score: str = "probability", target: str = "label", batch_size: int | str = 64,
+) -> torch.Tensor:
+    """ROAD MoRF (lower is better): mean score over fractions after imputing the most relevant pixels.
+
+    Tensor[B]; shapes, protocol and parameters as :func:`road` with ``order="morf"``.
+    """
+    return road(model, images, targets, heatmaps, fractions=fractions, order="morf", noise=noise, seed=seed,
+                score=score, target=target, batch_size=batch_size)["morf"][0]
+
+
+@register_metric("road_lerf", paper=PAPER, higher_is_better=True, inputs="model", criterion="faithfulness",
+                 columns=("curve",), group="road", constraints=CONSTRAINTS, scorer=_member_scorer)
+def road_lerf(
+    model: nn.Module, images: torch.Tensor, targets: torch.Tensor, heatmaps: torch.Tensor, *,
+    fractions: tuple[float, ...] | list[float] = FRACTIONS, noise: float = 0.01, seed: int = 0,
+    score: str = "probability", target: str = "label", batch_size: int | str = 64,
+) -> torch.Tensor:
+    """ROAD LeRF (higher is better): mean score over fractions after imputing the least relevant pixels.
+
+    Tensor[B]; shapes, protocol and parameters as :func:`road` with ``order="lerf"``.
+    """
+    return road(model, images, targets, heatmaps, fractions=fractions, order="lerf", noise=noise, seed=seed,
+                score=score, target=target, batch_size=batch_size)["lerf"][0]
