@@ -26,13 +26,12 @@ import numpy as np
 import pytest
 import quantus
 import torch
-from limits import DEVICE, TARGETS, SideBySide, bench_inputs, bench_model, record, rounds_for, row, stage_profile, \
+from limits import DEVICE, SideBySide, bench_inputs, bench_model, record, rounds_for, row, stage_profile, \
     synced, timed
 from quantus.functions.perturb_func import noisy_linear_imputation
 
 from saliencybench.metrics import road as rd
 
-TARGETS.setdefault("road_vs_quantus", {"cpu": ("speedup", ">=", 5.0), "cuda": ("speedup", ">=", 5.0)})
 PERCENTAGES = [10, 20, 30, 40, 50, 60, 70, 80, 90]
 FRACTIONS = [p / 100 for p in PERCENTAGES]
 NAME, SIZE = "resnet18", 224

@@ -23,7 +23,7 @@ from torch import nn
 import saliencybench as sb
 from saliencybench.benchmark.cli import main
 from saliencybench.benchmark.config import config_from_dict
-from saliencybench.benchmark.runner import open_run, run
+from saliencybench.benchmark.runner import run
 from saliencybench.errors import InvalidInputError, SaliencyBenchError, UnknownNameError
 
 

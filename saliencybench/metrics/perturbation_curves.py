@@ -40,7 +40,7 @@ from ..errors import InvalidInputError
 from ..methods.base import batch_slices, generator
 from ..modelutil import (PRECISIONS, SCORES, autocast, fast_inference, model_guard, num_classes, resolve_batch_size,
                          safe_forward, target_score, upcast)
-from ..validation import check_heatmaps, check_images, check_targets
+from ..validation import check_heatmaps, check_images, check_model_inputs, check_targets
 from .base import MetricResult, ScoreBatch, heatmap_form, register_metric, register_metric_group
 
 SUBSTRATES = ("zeros", "blur", "mean")
@@ -167,11 +167,20 @@ def _auc(curves: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
     return torch.trapezoid(curves, xs.to(curves), dim=1)
 
 
-def _prepare(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, heatmaps: torch.Tensor, target: str,
-             seed: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def checked_batch(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, heatmaps: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images Tensor[B,3,H,W] (matching the model's dtype and device), targets LongTensor[B] and heatmaps
+    Tensor[B,H,W] checked for a model-input metric; raises :class:`InvalidInputError` naming the problem."""
     images = check_images(images)
+    check_model_inputs(model, images)
     targets = check_targets(targets, images.shape[0], num_classes(model)).to(images.device)
     heatmaps = check_heatmaps(heatmaps, images).to(images.device)
+    return images, targets, heatmaps
+
+
+def _prepare(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, heatmaps: torch.Tensor, target: str,
+             seed: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    images, targets, heatmaps = checked_batch(model, images, targets, heatmaps)
     if target not in TARGETS:
         raise InvalidInputError(f"target must be one of {list(TARGETS)} (the given targets or the clean top-1 class), "
                                 f"got {target!r}")

@@ -65,7 +65,7 @@ from ..errors import InvalidInputError
 from ..modelutil import fast_inference, model_guard, resolve_batch_size, safe_forward, target_score, upcast
 from ..validation import check_heatmaps, check_images
 from .base import MetricResult, MetricSpec, ScoreBatch, heatmap_form, register_metric, register_metric_group
-from .perturbation_curves import _prepare, pixel_ranks
+from .perturbation_curves import checked_batch, pixel_ranks
 
 PAPER = ("Rong, Leemann, Borisov, Kasneci, Kasneci. A Consistent and Efficient Evaluation Strategy for "
          "Attribution Methods. ICML 2022")
@@ -326,7 +326,7 @@ def road(
     mean of the curve over the fractions. Protocol, scores and targets: see the
     module docstring. Deterministic for ``seed`` (tie-break and noise).
     """
-    images, targets, heatmaps = _prepare(model, images, targets, heatmaps)
+    images, targets, heatmaps = checked_batch(model, images, targets, heatmaps)
     orders = _check(heatmaps, fractions, order, noise, score, target)
     batch_size = resolve_batch_size(batch_size, model, images)
     b, n_o, n_f = len(images), len(orders), len(fractions)
