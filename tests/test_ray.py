@@ -87,6 +87,9 @@ def test_ray_rows_equal_in_process_rows(tmp_path, checkpoint, ray_cluster):
     assert len({w["pid"] for w in executor.worker_info}) == 2  # two actors, each with its own process
     assert set(there.method) == {"saliency", "gradcam", "occlusion"}
     assert len(list((tmp_path / "there" / "heatmaps").glob("*.safetensors"))) == 6  # 2 shards x 3 methods
+    import ray
+
+    assert ray.is_initialized()  # the session this process started is left running
 
 
 PLUGIN = '''
@@ -159,10 +162,10 @@ def test_stopped_driver_resumes_on_ray(tmp_path, checkpoint, ray_cluster):
 
     cfg = tiny_config(tmp_path, checkpoint, methods=["saliency", "gradcam"])
     full = run(cfg, run_id="full", progress=False).results
-    part = run(cfg, run_id="part", progress=False, stop_after=2, executor=RayExecutor(workers=2))
+    part = run(cfg, run_id="part", progress=False, stop_after=2, executor=RayExecutor(workers=1))
     written = len(list((part.path / "rows").glob("*.parquet")))
-    assert 2 <= written < 12  # 2 shards x 2 methods x (explain + 2 metrics)
-    resumed = run(cfg, resume=part.path, progress=False, executor=RayExecutor(workers=2)).results
+    assert 3 <= written < 12  # stopped after the first unit (explain + 2 metrics) of 2 shards x 2 methods
+    resumed = run(cfg, resume=part.path, progress=False, executor=RayExecutor(workers=1)).results
     same_rows(full, resumed)
 
 
@@ -202,6 +205,22 @@ def test_ray_missing_names_the_extra(tmp_path, monkeypatch, capsys):
     assert not any(tmp_path.iterdir())  # failed before a run directory was made
     assert main(["run", "--ray-address", "head:6379", "--output", str(tmp_path), "--quiet"]) == 2
     assert "saliencybench[ray]" in capsys.readouterr().err
+
+
+def test_cli_builds_the_executor_asked_for():
+    from saliencybench.benchmark.cli import _executor, _parser
+    from saliencybench.benchmark.executors import ProcessExecutor
+    from saliencybench.benchmark.ray_executor import RayExecutor
+
+    def build(*flags):
+        return _executor(_parser().parse_args(["run", *flags]), ProcessExecutor)
+
+    assert build() is None and build("--workers", "1") is None
+    assert isinstance(build("--workers", "3"), ProcessExecutor) and build("--workers", "3").workers == 3
+    ray_default = build("--executor", "ray")
+    assert isinstance(ray_default, RayExecutor) and ray_default.workers is None and ray_default.address is None
+    remote = build("--ray-address", "head:6379", "--workers", "8")
+    assert isinstance(remote, RayExecutor) and (remote.address, remote.workers) == ("head:6379", 8)
 
 
 def test_bad_executor_arguments(tmp_path, capsys):

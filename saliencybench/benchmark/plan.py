@@ -10,7 +10,9 @@ x the method's cost; ...), or, for a plug-in method or metric with no declared c
 passes counted (by hooks) while it runs once on one image. Metrics that read only heatmaps
 and ground truth cost nothing. The run's predictions add one forward pass per image and
 model. Methods that share passes in a run (saliency, Grad-CAM, CAM, ...) are counted
-separately, so the counts bound a run's passes from above by a few per image.
+separately, so the counts bound a run's passes from above by a few per image; one-time probes
+(folding norms into convolutions: two one-image passes per model, input shape and process) are
+not counted.
 
 Time. Each model's forward throughput (inference, channels_last with folded norms, as the
 perturbation methods run) and forward+backward throughput (input gradients) are measured
@@ -302,7 +304,7 @@ def format_plan(plan: Plan, detail: bool = False) -> str:
             sc = [r for r in rows if r.task != "explain"]
             f = sum(r.forwards * r.images for r in sc) / plan.n_images
             b = sum(r.backwards * r.images for r in sc) / plan.n_images
-            by_method.append([m[:20], meth[:22], _num(ex.forwards), _num(ex.backwards), _num(f), _num(b),
+            by_method.append([m[:24], meth[:22], _num(ex.forwards), _num(ex.backwards), _num(f), _num(b),
                               duration(sum(r.seconds for r in rows))])
     lines += _table(["model", "method", "fwd", "bwd", "metric fwd", "metric bwd", "time"], by_method, 2)
     lines += ["", f"per metric: passes per scored image summed over the methods it scores; time on 1 {unit}"]
@@ -314,7 +316,7 @@ def format_plan(plan: Plan, detail: bool = False) -> str:
                 free.append(metric)
                 continue
             how = "measured" if any(r.how == "measured" for r in rows) else ""
-            by_metric.append([m[:20], metric[:22], _num(sum(r.forwards for r in rows)),
+            by_metric.append([m[:24], metric[:22], _num(sum(r.forwards for r in rows)),
                               _num(sum(r.backwards for r in rows)), f"{max(r.images for r in rows):,}",
                               str(len(rows)), duration(sum(r.seconds for r in rows)), how])
     lines += _table(["model", "metric", "fwd", "bwd", "images", "methods", "time", ""], by_metric, 2)
@@ -344,7 +346,8 @@ def add_parser(sub: Any) -> None:
     """The ``plan`` subcommand."""
     p = sub.add_parser("plan", help="count a run's model passes and project its time and heatmap-store size",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("config", metavar="CONFIG", help="YAML or TOML run config")
+    p.add_argument("config", metavar="CONFIG", nargs="?",
+                   help="YAML or TOML run config (none: the embedded default run)")
     p.add_argument("--n-images", type=int, metavar="N", help="plan for N images (default: the config's n_images, "
                    "capped by the data set when it can be opened)")
     p.add_argument("--device", metavar="DEV", help="measure on this device (default: the config's)")
@@ -361,7 +364,7 @@ def command(args: argparse.Namespace) -> int:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise SaliencyBenchError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    cfg = load_config(args.config)
+    cfg = load_config(args.config) if args.config else RunConfig()
     if args.plugin:
         cfg = dataclasses.replace(cfg, plugins=[*cfg.plugins, *[p for p in args.plugin if p not in cfg.plugins]])
     plan = make_plan(cfg, n_images=args.n_images, device=args.device, bench_batch=args.bench_batch,
