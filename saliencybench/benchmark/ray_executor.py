@@ -90,6 +90,8 @@ class UnitWorker:
             cfg = config_from_dict(config)
             if gpus and cfg.device.startswith("cuda"):
                 cfg = config_from_dict({"device": "cuda"}, cfg)  # Ray shows the actor its own GPU(s) only
+            elif not gpus and cfg.device == "auto":
+                cfg = config_from_dict({"device": "cpu"}, cfg)  # no GPU was scheduled for this worker
             from . import load_all
 
             load_all()
