@@ -99,6 +99,8 @@ TARGETS: dict[str, dict[str, tuple[str, str, float]]] = {
     "vs_pytorch_grad_cam": {"cpu": ("speedup", ">=", 2.0), "cuda": ("speedup", ">=", 2.0)},
     "robustness_vs_plain": {"cpu": ("time", "<=", 1.2), "cuda": ("time", "<=", 1.2)},
     "road_vs_quantus": {"cpu": ("speedup", ">=", 5.0), "cuda": ("speedup", ">=", 5.0)},
+    "ray_overhead": {"cpu": ("time", "<=", 1.10), "cuda": ("time", "<=", 1.10)},
+    "ray_speedup": {"cpu": ("speedup", ">=", 1.7), "cuda": ("speedup", ">=", 1.7)},
     "shared_vs_separate": {"cpu": ("time", "<", 1.0), "cuda": ("time", "<", 1.0)},
     "default_run_s": {"cpu": ("seconds", "<=", 300.0), "cuda": ("seconds", "<=", 300.0)},
     "scaling_time": {"cpu": ("time", "<=", 1.10), "cuda": ("time", "<=", 1.10)},

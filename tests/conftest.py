@@ -80,3 +80,24 @@ def assert_same_state(before: dict, after: dict) -> None:
     assert before["params"].keys() == after["params"].keys()
     for k in before["params"]:
         assert torch.equal(before["params"][k], after["params"][k]), k
+
+
+def assert_same_rows(a, b, key=("model", "method", "metric", "image_id", "metric_params", "stage"), rtol=1e-5):
+    """Result rows equal up to float rounding (1 vs 2 torch threads sum in another order): same rows, no
+    duplicates, none missing, every text column equal, numbers and JSON curves equal to ``rtol``."""
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    key = [k for k in key if k in a.columns]
+    drop = [c for c in ("run_id", "seconds") if c in a.columns]
+    a = a.drop(columns=drop).sort_values(key).reset_index(drop=True)
+    b = b.drop(columns=[c for c in drop if c in b.columns]).sort_values(key).reset_index(drop=True)
+    assert len(a) == len(b) > 0 and not a.duplicated(key).any() and not b.duplicated(key).any()
+    if "curve" in a:
+        for x, y in zip(a.pop("curve"), b.pop("curve")):
+            assert isinstance(x, str) == isinstance(y, str)
+            if isinstance(x, str):
+                np.testing.assert_allclose(json.loads(x), json.loads(y), rtol=rtol, atol=1e-6)
+    pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=rtol, atol=1e-7)

@@ -205,11 +205,6 @@ def test_process_executor_gives_the_same_rows(tmp_path, checkpoint):
     here = run(cfg, run_id="here", progress=False).results
     there = run(cfg, run_id="there", progress=False, executor=ProcessExecutor(workers=2)).results
     key = ["model", "method", "metric", "image_id"]
-    a = here.drop(columns=["run_id", "seconds"]).sort_values(key).reset_index(drop=True)
-    b = there.drop(columns=["run_id", "seconds"]).sort_values(key).reset_index(drop=True)
-    # curves are JSON text rounded to 6 digits: compare them as numbers (1 vs 2 threads round differently)
-    curves = [np.array([json.loads(c) if isinstance(c, str) else [] for c in f.pop("curve")], dtype=object)
-              for f in (a, b)]
-    for x, y in zip(*curves):
-        np.testing.assert_allclose(np.asarray(x, float), np.asarray(y, float), rtol=1e-4)
-    pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-4)
+    from conftest import assert_same_rows
+
+    assert_same_rows(here, there, tuple(key), rtol=1e-4)

@@ -17,7 +17,6 @@ from conftest import assert_same_state, make_images, make_model, snapshot
 from torch import nn
 
 from saliencybench.errors import InvalidInputError
-import importlib
 
 fm = importlib.import_module("saliencybench.metrics.faithfulness")
 rd = importlib.import_module("saliencybench.metrics.road")  # the package attribute `road` is the function

@@ -27,6 +27,8 @@ EXAMPLES = """examples:
   saliencybench leaderboard results/<run-id>
   saliencybench report results/<run-id>
   saliencybench list
+  saliencybench plan benchmarks/imagenet_resnet50_plan.yaml   # passes, time on 1/8/64 GPUs, store size
+  saliencybench run --config big.yaml --ray-address head:6379 --output /shared/results
 """
 
 
@@ -73,8 +75,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", metavar="RUN", help="continue an interrupted run: its directory, or its id inside "
                    "--output; flags that change its config are an error")
     r.add_argument("--no-report", action="store_true", help="skip the plots and the HTML report")
-    r.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="run tasks in N worker processes, one torch thread each (1: in this process)")
+    r.add_argument("--workers", type=int, metavar="N",
+                   help="run tasks in N worker processes, one torch thread each (default 1: in this process; "
+                   "with --executor ray: as many as the cluster's CPUs/GPUs hold)")
+    r.add_argument("--executor", choices=("process", "ray"),
+                   help="process: --workers N processes on this machine; ray: Ray actors on a cluster "
+                   "(--ray-address) or on a local Ray cluster (default: process)")
+    r.add_argument("--ray-address", metavar="ADDR", help="a running Ray cluster (auto, host:6379 or "
+                   "ray://host:10001; implies --executor ray); --output must be on storage every node sees")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     s = sub.add_parser("score", help="add metrics to a finished run from its stored heatmaps", formatter_class=fmt)
     s.add_argument("run", help="run directory")
@@ -100,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     from ..inspect.cli import add_parser as add_inspect_parser
 
     add_inspect_parser(sub)
+    from .plan import add_parser as add_plan_parser
+
+    add_plan_parser(sub)
     return p
 
 
@@ -201,6 +212,20 @@ def _width(asked: int | None) -> int:
     return max(100, shutil.get_terminal_size((100, 24)).columns)
 
 
+def _executor(args: argparse.Namespace, process_executor: type):  # -> Executor | None
+    """The executor ``--executor``, ``--workers`` and ``--ray-address`` ask for (None: in this process)."""
+    if args.workers is not None and args.workers < 1:
+        raise SaliencyBenchError(f"--workers must be >= 1, got {args.workers}")
+    kind = args.executor or ("ray" if args.ray_address else "process")
+    if kind == "ray":
+        from .ray_executor import RayExecutor
+
+        return RayExecutor(address=args.ray_address, workers=args.workers)
+    if args.ray_address:
+        raise SaliencyBenchError("--ray-address needs --executor ray (or no --executor)")
+    return process_executor(args.workers) if (args.workers or 1) > 1 else None
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from . import load_all
 
@@ -211,6 +236,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_inspect(args)
     if args.command == "list":
         return _list()
+    if args.command == "plan":
+        from .plan import command as plan_command
+
+        return plan_command(args)
     if args.command == "train":
         from .models import DEFAULT_ARCHS, default_model
 
@@ -227,9 +256,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .runner import ProcessExecutor, resolve_run_path, run
 
         cfg = _config(args)
-        if args.workers < 1:
-            raise SaliencyBenchError(f"--workers must be >= 1, got {args.workers}")
-        executor = ProcessExecutor(args.workers) if args.workers > 1 else None
+        executor = _executor(args, ProcessExecutor)
         resume = resolve_run_path(args.resume, cfg.output) if args.resume else None
         result = run(cfg, run_id=args.run_id, resume=resume, executor=executor, progress=not args.quiet)
         board, csv = write_leaderboard(result)

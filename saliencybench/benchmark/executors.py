@@ -49,8 +49,10 @@ def _start_worker(config: dict[str, Any], run_id: str, run_dir: str, threads: in
     global _WORKER
     torch.set_num_threads(threads)
     cfg = config_from_dict(config)
+    from . import load_all
     from .plugins import load_plugins
 
+    load_all()
     load_plugins(cfg.plugins)
     _WORKER = TaskContext(cfg, run_id, Path(run_dir))
 

@@ -1,0 +1,284 @@
+"""Run a benchmark's units on a Ray cluster (Moritz et al. Ray: A Distributed Framework for
+Emerging AI Applications. OSDI 2018).
+
+``RayExecutor`` implements the :class:`~.executors.Executor` protocol with one Ray actor per
+worker. Each actor imports the run's plug-ins, builds one
+:class:`~.execute.TaskContext` (models, data set, device, shared passes) and then runs
+units (an explain task and its score tasks, :class:`~.tasks.Unit`) with
+:func:`~.execute.run_unit`, which writes each finished task's rows and heatmaps into the
+run directory itself (atomically). The run directory must therefore be one path that every
+node sees: a shared file system (NFS, Lustre, a mounted bucket); fsspec/pyarrow URLs
+(``s3://...``) are not supported as the output.
+
+Scheduling. Each actor holds ``num_cpus_per_task`` CPUs and ``num_gpus_per_task`` GPUs
+(default: one GPU when the config's device is CUDA, or ``auto`` on a cluster with GPUs) and
+has at most two units in flight (one running, one queued), so the driver hands out units
+as actors finish them; ``ray.wait`` yields each unit's finished tasks as soon as any node
+reports them, so the runner's progress bar works as with the other executors.
+
+Faults. A worker process that dies (killed, out of memory, its node lost) loses only the
+unit it was running: Ray restarts the actor (``max_restarts = max_retries``) and reruns its
+unfinished calls (``max_task_retries = max_retries``); the rerun skips every task of the unit
+whose row file already exists (checked in the worker), so no task is computed twice and the
+final rows equal an uninterrupted run's. When the retries are used up the run stops with
+:class:`~.executors.LostWorkerError`; ``saliencybench run --resume`` continues it, as after a
+killed driver.
+
+Cluster. ``address=None`` connects to the session this process already has
+(``ray.init`` called by the user: left running afterwards) or starts a local cluster with
+this machine's cores and shuts it down at the end; an ``address`` (``auto``,
+``host:6379`` or ``ray://host:10001``) connects to a running cluster and disconnects at
+the end. Ray is imported only here, on first use: without it a clear
+:class:`RayNotInstalledError` names the extra ``saliencybench[ray]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import warnings
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ..errors import SaliencyBenchError
+from .execute import TaskContext, TaskDone, run_unit
+from .executors import LostWorkerError
+from .tasks import Unit
+
+IN_FLIGHT_PER_WORKER = 2
+
+
+class RayNotInstalledError(SaliencyBenchError):
+    """Ray was asked for but is not installed."""
+
+
+class RayClusterError(SaliencyBenchError):
+    """The Ray cluster cannot run the units (no resources, no shared run directory, no connection)."""
+
+
+def import_ray() -> Any:
+    """The ``ray`` module, or :class:`RayNotInstalledError` naming the extra to install."""
+    try:
+        import ray
+    except ImportError:
+        raise RayNotInstalledError(
+            "the Ray executor needs Ray, which is not installed: pip install 'saliencybench[ray]' (or "
+            "pip install 'ray[default]'); without it use --executor process --workers N") from None
+    return ray
+
+
+class UnitWorker:
+    """The body of one Ray actor: a :class:`TaskContext` built once, then units run one by one.
+
+    Errors while starting (a plug-in that fails to import, an invalid device) are kept and
+    reported by :meth:`info` instead of killing the actor, so the driver can name them.
+    """
+
+    def __init__(self, config: dict[str, Any], run_id: str, run_dir: str, threads: int, gpus: float) -> None:
+        import torch
+
+        from .config import config_from_dict
+        from .plugins import load_plugins
+
+        self.run_dir = Path(run_dir)
+        self.error = ""
+        torch.set_num_threads(threads)
+        try:
+            cfg = config_from_dict(config)
+            if gpus and cfg.device.startswith("cuda"):
+                cfg = config_from_dict({"device": "cuda"}, cfg)  # Ray shows the actor its own GPU(s) only
+            elif not gpus and cfg.device == "auto":
+                cfg = config_from_dict({"device": "cpu"}, cfg)  # no GPU was scheduled for this worker
+            from . import load_all
+
+            load_all()
+            load_plugins(cfg.plugins)
+            self.ctx = TaskContext(cfg, run_id, self.run_dir)
+        except Exception as e:  # noqa: BLE001 - reported by info()
+            self.error = f"{type(e).__name__}: {e}"
+
+    def info(self) -> dict[str, Any]:
+        """Where this worker runs and whether it can: pid, host, run directory visible, start error."""
+        import socket
+
+        import saliencybench
+
+        return {"pid": os.getpid(), "host": socket.gethostname(), "error": self.error,
+                "run_dir_visible": (self.run_dir / "config.json").is_file(), "version": saliencybench.__version__}
+
+    def run(self, unit: Unit, done: list[str]) -> list[TaskDone]:
+        """Run the unit's tasks not in ``done`` and not already written (a retried call skips those)."""
+        if self.error:
+            raise SaliencyBenchError(f"the Ray worker could not start: {self.error}")
+        rows = self.run_dir / "rows"
+        finished = set(done) | {t.key for t in unit.tasks() if (rows / f"{t.key}.parquet").is_file()}
+        return run_unit(unit, self.ctx, finished)
+
+
+class RayExecutor:
+    """Run units on a Ray cluster, one actor per worker (see the module docstring).
+
+    ``address``: a running cluster (``auto``, ``host:6379``, ``ray://host:10001``); None: the
+    session this process has, else a local cluster with this machine's cores.
+    ``num_cpus_per_task``: CPUs (and torch threads) per worker; ``num_gpus_per_task``: GPUs per
+    worker (fractions share a GPU; None: 1 when the config's device is CUDA, or ``auto`` on a
+    cluster with GPUs, else 0); ``max_retries``: restarts of a lost worker and reruns of its
+    unit; ``workers``: number of actors (None: as many as the cluster's resources hold);
+    ``runtime_env``: passed to ``ray.init`` when this executor connects (e.g. ``{"py_modules":
+    [...]}`` for nodes without saliencybench installed).
+    """
+
+    def __init__(self, address: str | None = None, num_cpus_per_task: float = 1, num_gpus_per_task: float | None = None,
+                 max_retries: int = 3, workers: int | None = None, runtime_env: dict[str, Any] | None = None) -> None:
+        import_ray()
+        for name, v, low in (("num_cpus_per_task", num_cpus_per_task, 0), ("max_retries", max_retries, 0)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < low:
+                raise SaliencyBenchError(f"{name} must be a number >= {low}, got {v!r}")
+        if num_gpus_per_task is not None and (isinstance(num_gpus_per_task, bool) or
+                                              not isinstance(num_gpus_per_task, (int, float)) or num_gpus_per_task < 0):
+            raise SaliencyBenchError(f"num_gpus_per_task must be a number >= 0 or None, got {num_gpus_per_task!r}")
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+            raise SaliencyBenchError(f"workers must be an integer >= 1 or None, got {workers!r}")
+        if not isinstance(max_retries, int):
+            raise SaliencyBenchError(f"max_retries must be an integer, got {max_retries!r}")
+        self.address, self.num_cpus_per_task, self.num_gpus_per_task = address, num_cpus_per_task, num_gpus_per_task
+        self.max_retries, self.workers, self.runtime_env = max_retries, workers, runtime_env
+        self.worker_info: list[dict[str, Any]] = []
+        self.timings: dict[str, float] = {}  # of the last map(): connect_s (ray.init), start_s (actors ready)
+
+    # ---- cluster ----------------------------------------------------------------------------
+
+    def _connect(self, ray: Any) -> bool:
+        """Connect (or start a local cluster); True when this executor must shut Ray down after."""
+        if ray.is_initialized():
+            return False
+        kw: dict[str, Any] = {"include_dashboard": False, "logging_level": "warning", "log_to_driver": True}
+        if self.runtime_env:
+            kw["runtime_env"] = self.runtime_env
+        if self.address is None:
+            cores = os.cpu_count() or 1
+            want = (self.workers or 1) * self.num_cpus_per_task
+            kw["num_cpus"] = max(cores, int(-(-want // 1)))
+        else:
+            kw["address"] = self.address
+        try:
+            ray.init(**kw)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            where = f"the Ray cluster at {self.address!r}" if self.address else "a local Ray cluster"
+            raise RayClusterError(f"cannot start or reach {where}: {type(e).__name__}: {str(e)[:300]}; check "
+                                  "--ray-address (e.g. host:6379 after `ray start --head` there)") from None
+        return True
+
+    def _gpus(self, ray: Any, device: str) -> float:
+        if self.num_gpus_per_task is not None:
+            return float(self.num_gpus_per_task)
+        if device.startswith("cuda"):
+            return 1.0
+        if device == "auto":
+            return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        return 0.0
+
+    def _n_workers(self, ray: Any, gpus: float, n_units: int) -> int:
+        res = ray.cluster_resources()
+        cpus, have_gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
+        if gpus > have_gpus:
+            raise RayClusterError(f"each Ray worker asks for {gpus:g} GPU(s) but the cluster has {have_gpus:g}; "
+                                  "use --device cpu (or num_gpus_per_task=0), or add GPU nodes")
+        if self.num_cpus_per_task > cpus:
+            raise RayClusterError(f"each Ray worker asks for {self.num_cpus_per_task:g} CPUs but the cluster has "
+                                  f"{cpus:g}")
+        fit = int(cpus // self.num_cpus_per_task) if self.num_cpus_per_task else n_units
+        if gpus:
+            fit = min(fit, int(have_gpus // gpus))
+        n = self.workers or fit
+        if n > fit:
+            warnings.warn(f"{n} Ray workers were asked for but the cluster's resources hold {fit}; running {fit}",
+                          RuntimeWarning, stacklevel=3)
+            n = fit
+        return max(1, min(n, n_units))
+
+    def _start(self, ray: Any, ctx: TaskContext, n: int, gpus: float) -> list[Any]:
+        actor_cls = ray.remote(UnitWorker).options(
+            num_cpus=self.num_cpus_per_task, num_gpus=gpus, max_restarts=self.max_retries,
+            max_task_retries=self.max_retries)
+        threads = max(1, int(self.num_cpus_per_task))
+        actors = [actor_cls.remote(ctx.config.to_dict(), ctx.run_id, str(ctx.run_dir), threads, gpus)
+                  for _ in range(n)]
+        self.worker_info = ray.get([a.info.remote() for a in actors])
+        import saliencybench
+
+        for info in self.worker_info:
+            if info["error"]:
+                raise RayClusterError(f"a Ray worker on {info['host']} could not start: {info['error']}")
+            if not info["run_dir_visible"]:
+                raise RayClusterError(
+                    f"the run directory {ctx.run_dir} is not visible on Ray node {info['host']}: put --output on "
+                    "storage every node mounts at the same path (fsspec URLs are not supported)")
+            if info["version"] != saliencybench.__version__:
+                warnings.warn(f"Ray node {info['host']} runs saliencybench {info['version']}, this driver "
+                              f"{saliencybench.__version__}: install the same version everywhere", RuntimeWarning,
+                              stacklevel=3)
+        return actors
+
+    # ---- the Executor protocol --------------------------------------------------------------
+
+    def map(self, units: list[Unit], ctx: TaskContext, done: set[str]) -> Iterator[list[TaskDone]]:
+        """Run ``units`` on Ray actors; yield each unit's finished tasks as it completes."""
+        if not units:
+            return
+        assert ctx.run_dir is not None
+        ray = import_ray()
+        t0 = time.perf_counter()
+        owned = self._connect(ray)
+        self.timings = {"connect_s": time.perf_counter() - t0}
+        actors: list[Any] = []
+        try:
+            for name in {u.explain.model for u in units}:
+                ctx.model(name)  # default models are trained or cached here once; recorded in models.json
+            gpus = self._gpus(ray, ctx.config.device)
+            t0 = time.perf_counter()
+            actors = self._start(ray, ctx, self._n_workers(ray, gpus, len(units)), gpus)
+            self.timings["start_s"] = time.perf_counter() - t0
+            yield from self._dispatch(ray, actors, units, done, ctx)
+        finally:
+            for a in actors:
+                with contextlib.suppress(Exception):  # already gone with its node or cluster
+                    ray.kill(a, no_restart=True)
+            if owned:
+                ray.shutdown()
+
+    def _dispatch(self, ray: Any, actors: list[Any], units: list[Unit], done: set[str],
+                  ctx: TaskContext) -> Iterator[list[TaskDone]]:
+        from ray.exceptions import RayError, RayTaskError
+
+        queue = deque(range(len(units)))
+        in_flight: dict[Any, tuple[int, int]] = {}
+
+        def submit(a: int) -> None:
+            i = queue.popleft()
+            keys = [t.key for t in units[i].tasks() if t.key in done]
+            in_flight[actors[a].run.remote(units[i], keys)] = (a, i)
+
+        for _ in range(IN_FLIGHT_PER_WORKER):
+            for a in range(len(actors)):
+                if queue:
+                    submit(a)
+        while in_flight:
+            (ref,), _ = ray.wait(list(in_flight), num_returns=1)
+            a, i = in_flight.pop(ref)
+            try:
+                reports = ray.get(ref)
+            except RayTaskError as e:  # an error raised by the unit itself: re-raised as itself
+                cause = getattr(e, "cause", None)
+                raise (cause if isinstance(cause, BaseException) else e) from e
+            except RayError as e:  # the worker died more often than max_retries allows
+                raise LostWorkerError(
+                    f"a Ray worker died while running {units[i].explain.label()} and its {self.max_retries} retries "
+                    f"are used up ({type(e).__name__}); rows already computed are kept: continue with "
+                    f"`saliencybench run --resume {ctx.run_dir}`") from None
+            if queue:
+                submit(a)
+            yield reports
