@@ -9,6 +9,7 @@ deepest feature stage's most active channel, cropped to its receptive field),
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ def deepest_stage(model: torch.nn.Module) -> str:
 def inspection_figures(run: Run, k: int = 5, limit: int = 200) -> tuple[list[Path], list[dict[str, Any]]]:
     """Write the requested inspection figures under ``<run>/plots/inspect``: (paths, numbers)."""
     out = run.path / "plots" / "inspect"
-    ctx = TaskContext(run.config, run.run_id)
+    ctx = TaskContext(dataclasses.replace(run.config, device="cpu"), run.run_id)  # the inspect tools run on CPU
     paths: list[Path] = []
     numbers: list[dict[str, Any]] = []
     for name in run.config.models:

@@ -63,8 +63,9 @@ def _settings(rows: pd.DataFrame, key: str, params: str) -> pd.DataFrame:
     for (name, p), g in d.groupby([key, params], sort=True):
         if p in ("{}", "") and key == "metric":
             continue
-        try:
-            text = ", ".join(f"{k}={v}" for k, v in sorted(json.loads(p).items()))
+        try:  # switches of the Python API's return value are not settings of a number
+            text = ", ".join(f"{k}={v}" for k, v in sorted(json.loads(p).items())
+                             if not k.startswith("return_") and k not in ("per_image", "method_params"))
         except ValueError:
             text = str(p)
         out.append({key: name, "parameters": text or "(defaults)", "models": ", ".join(sorted(g.model))})
