@@ -37,7 +37,7 @@ from scipy.ndimage import gaussian_filter
 from torch import nn
 
 from ..errors import InvalidInputError
-from ..methods.base import batch_slices, generator
+from ..methods.base import batch_slices, generator, report_progress
 from ..modelutil import (PRECISIONS, SCORES, autocast, fast_inference, model_guard, num_classes, resolve_batch_size,
                          safe_forward, target_score, upcast)
 from ..validation import check_heatmaps, check_images, check_model_inputs, check_targets
@@ -147,6 +147,7 @@ def _score_paths(
     cnt = counts.to(images.device)
     buffer = fmt(torch.empty(min(batch_size, len(jobs)), c, h, w, device=images.device, dtype=images.dtype))
     for sl in batch_slices(len(jobs), batch_size):
+        report_progress(sl.start, len(jobs))
         pp, ii, kk = job_t[sl].unbind(1)
         changed = (ranks[ii] < cnt[kk][:, None]).view(-1, 1, h, w)
         x = buffer[: len(pp)]

@@ -61,6 +61,7 @@ import torch
 from scipy.sparse.linalg import splu
 from torch import nn
 
+from ..methods.base import report_progress
 from ..errors import InvalidInputError
 from ..modelutil import fast_inference, model_guard, resolve_batch_size, safe_forward, target_score, upcast
 from ..validation import check_heatmaps, check_images
@@ -265,6 +266,7 @@ def stream_scores(stacks: Iterator[torch.Tensor], job_targets: torch.Tensor, bat
             batch, x = x[:batch_size], x[batch_size:]
             out.append(forward(batch, job_targets[done:done + len(batch)]))
             done += len(batch)
+            report_progress(done, len(job_targets))
         pending, held = ([x] if len(x) else []), len(x)
 
     for stack in stacks:
