@@ -61,11 +61,25 @@ import torch
 from scipy.sparse.linalg import splu
 from torch import nn
 
-from ..methods.base import report_progress
 from ..errors import InvalidInputError
-from ..modelutil import fast_inference, model_guard, resolve_batch_size, safe_forward, target_score, upcast
+from ..methods.base import report_progress
+from ..modelutil import (
+    fast_inference,
+    model_guard,
+    resolve_batch_size,
+    safe_forward,
+    target_score,
+    upcast,
+)
 from ..validation import check_heatmaps, check_images
-from .base import MetricResult, MetricSpec, ScoreBatch, heatmap_form, register_metric, register_metric_group
+from .base import (
+    MetricResult,
+    MetricSpec,
+    ScoreBatch,
+    heatmap_form,
+    register_metric,
+    register_metric_group,
+)
 from .perturbation_curves import checked_batch, pixel_ranks
 
 PAPER = ("Rong, Leemann, Borisov, Kasneci, Kasneci. A Consistent and Efficient Evaluation Strategy for "
