@@ -257,6 +257,28 @@ def test_cue_models_registered():
     assert CUE_RECIPES["contrast-object-resnet"].classes() == list(SHAPES)
 
 
+def test_loader_keeps_the_verification_with_the_weights(tmp_path, monkeypatch):
+    """load_model("cue-resnet") loads cached weights, verifies once and keeps the record in the cache metadata."""
+    from safetensors.torch import save_file
+
+    from saliencybench.benchmark import cue_models, models
+
+    monkeypatch.setenv("SALIENCYBENCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(cue_models, "VERIFY_IMAGES", 24)
+    recipe = CUE_RECIPES["cue-resnet"]
+    model = DEFAULT_ARCHS[recipe.arch](4)
+    stem = models.cache_dir() / f"cue-resnet-{recipe.key()}-{models.architecture_key(model)}"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(stem.with_suffix(".safetensors")))
+    stem.with_suffix(".json").write_text(json.dumps({"val_accuracy": 0.25}))
+    bundle = models.load_model("cue-resnet")
+    record = bundle.info["verification"]
+    assert bundle.classes == list(CUE_TEXTURES) and bundle.info["source"] == "trained on synthetic-cue"
+    assert record["n_images"] == 24 and record["check"] == "cue" and not record["valid"]  # random weights
+    assert json.loads(stem.with_suffix(".json").read_text())["verification"] == record
+    monkeypatch.setattr(cue_models, "verify", lambda *a, **k: pytest.fail("verified twice"))
+    assert models.load_model("cue-resnet").info["verification"] == record
+
+
 def test_training_data_follows_the_recipe():
     recipe = Recipe(arch="synthetic-resnet", n_train=8, n_val=4, dataset="synthetic-contrast",
                     dataset_params=(("label", "background"),))
@@ -292,8 +314,13 @@ def test_verification_fails_on_a_model_trained_on_shapes():
     assert model.get_classifier().out_features == len(SHAPES)
     record = verify_cue_model(bundle_of(model, list(SHAPES), "shapes"), n_images=96)
     assert not record["passed"] and not record["valid"]
-    assert record["reasons"][0].startswith("clean accuracy") and record["accuracy"]["clean"] < 0.6
+    assert record["reasons"][0].startswith("the model has 6 classes, synthetic-cue 4")
+    assert record["reasons"][1].startswith("clean accuracy") and record["accuracy"]["clean"] < 0.6
     assert record["model_classes"] == 6 and record["dataset_classes"] == 4
+    # four classes, but reads period-6 background textures, not the cue: fails on clean accuracy alone
+    record = verify_cue_model(bundle_of(BackgroundOracle(), list(CUE_TEXTURES), "bg-oracle"), n_images=96)
+    assert not record["passed"] and record["reasons"][0].startswith("clean accuracy")
+    assert record["accuracy"]["clean"] < 0.5
 
 
 def test_contrast_verification():
@@ -304,7 +331,8 @@ def test_contrast_verification():
     assert abs(rb["accuracy"]["background_removed"] - 0.25) <= 0.05
     pair = verify_contrast_models(oracle, oracle, n_images=240)
     assert not pair["passed"] and pair["background_model"]["passed"] and not pair["object_model"]["passed"]
-    assert pair["reason"].startswith("texture-oracle: clean accuracy")
+    assert pair["reason"].startswith("texture-oracle: the model has 4 classes, synthetic-contrast 6")
+    assert "texture-oracle: clean accuracy" in pair["reason"]
     with pytest.raises(InvalidInputError, match="role"):
         verify_contrast_model(oracle, "scene")
     with pytest.raises(InvalidInputError, match="thresholds"):

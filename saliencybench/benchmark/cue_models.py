@@ -3,8 +3,8 @@
 The default architectures (``DEFAULT_ARCHS``) are trained with their default recipes on
 ``synthetic-cue`` (``cue-resnet``, ``cue-mobilenetv2``, ``cue-vgg``) and on the same
 ``synthetic-contrast`` images with the object's or the background's label
-(``contrast-object-resnet`` = BAM's object model, ``contrast-background-resnet`` = its
-scene model). They load with ``load_model(name)`` like the other default models (cached,
+(``contrast-object-<arch>`` = BAM's object model, ``contrast-background-<arch>`` = its
+scene model; :data:`CONTRAST_PAIRS`). They load with ``load_model(name)`` like the other default models (cached,
 keyed by recipe and architecture) and carry ``info["verification"]``: the record of
 :func:`verify_cue_model` / :func:`verify_contrast_model` on held-out images, computed
 once after training and kept in the cache's metadata. A model whose record says
@@ -15,10 +15,13 @@ accuracy on clean images >= ``min_accuracy``; with the used part removed (the cu
 object for the object model, the texture for the background model) within
 ``chance_tolerance`` of 1 / n_classes; with the unused part removed (the shape; the
 texture for the object model, the object for the background model) within
-``keep_tolerance`` of clean. The labels are drawn independently of everything but the
-used part, so the removal check cannot be passed by a model that reads something else;
-high clean accuracy then shows that the model reads the used part, and the second
-removal that it does not need the other one.
+``keep_tolerance`` of clean. The classes are independent of everything but the used part
+(exactly balanced and independent in blocks, :func:`~saliencybench.benchmark.cue.classes_of`),
+so nothing else in an image carries the label: high clean accuracy is what shows that the
+model reads the used part, and the removal of the other part that it does not need it. With
+the used part removed any model scores chance up to sampling, so that check guards the
+data (a leak of the label) rather than the model. A model whose classes are not the data
+set's fails outright.
 """
 
 from __future__ import annotations
@@ -35,23 +38,21 @@ from .cue import CONTRAST_TEXTURES, CUE_TEXTURES, ContrastDataset, CueDataset, s
 from .datasets import SHAPES
 from .models import DEFAULT_RECIPES, MODELS, ModelBundle, ModelSpec, Recipe, default_model, evaluate_accuracy
 
-CUE_RECIPES: dict[str, Recipe] = {
-    "cue-resnet": dataclasses.replace(DEFAULT_RECIPES["synthetic-resnet"], dataset="synthetic-cue"),
-    "cue-mobilenetv2": dataclasses.replace(DEFAULT_RECIPES["synthetic-mobilenetv2"], dataset="synthetic-cue"),
-    "cue-vgg": dataclasses.replace(DEFAULT_RECIPES["synthetic-vgg"], dataset="synthetic-cue"),
-    "contrast-object-resnet": dataclasses.replace(DEFAULT_RECIPES["synthetic-resnet"], dataset="synthetic-contrast",
-                                                  dataset_params=(("label", "object"),)),
-    "contrast-background-resnet": dataclasses.replace(DEFAULT_RECIPES["synthetic-resnet"],
-                                                      dataset="synthetic-contrast",
-                                                      dataset_params=(("label", "background"),)),
-}
-# the check each model answers: its role in its data set
-ROLES = {"cue-resnet": "cue", "cue-mobilenetv2": "cue", "cue-vgg": "cue", "contrast-object-resnet": "object",
-         "contrast-background-resnet": "background"}
-CONTRAST_PAIRS = {"contrast-object-resnet": "contrast-background-resnet"}
+_ARCH_SUFFIX = {"synthetic-resnet": "resnet", "synthetic-mobilenetv2": "mobilenetv2", "synthetic-vgg": "vgg"}
+CUE_RECIPES: dict[str, Recipe] = {}
+ROLES: dict[str, str] = {}  # the check each model answers: its role in its data set
+CONTRAST_PAIRS: dict[str, str] = {}  # object model -> background model (BAM's pair on the same images)
+for _arch, _suffix in _ARCH_SUFFIX.items():
+    _base = DEFAULT_RECIPES[_arch]  # the default recipe, on the other data
+    CUE_RECIPES[f"cue-{_suffix}"] = dataclasses.replace(_base, dataset="synthetic-cue")
+    ROLES[f"cue-{_suffix}"] = "cue"
+    for _role in ("object", "background"):
+        CUE_RECIPES[f"contrast-{_role}-{_suffix}"] = dataclasses.replace(_base, dataset="synthetic-contrast",
+                                                                         dataset_params=(("label", _role),))
+        ROLES[f"contrast-{_role}-{_suffix}"] = _role
+    CONTRAST_PAIRS[f"contrast-object-{_suffix}"] = f"contrast-background-{_suffix}"
 VERIFY_IMAGES = 600  # held-out images per check: chance +- 5 points is 2.8 (4 classes) to 3.3 (6) standard errors
 THRESHOLDS = {"min_accuracy": 0.95, "chance_tolerance": 0.05, "keep_tolerance": 0.02}
-_IMAGES: dict[tuple[Any, ...], dict[str, torch.Tensor]] = {}
 
 
 def judge(clean: float, used_removed: float, unused_removed: float, n_classes: int, *, min_accuracy: float = 0.95,
@@ -69,8 +70,8 @@ def judge(clean: float, used_removed: float, unused_removed: float, n_classes: i
         reasons.append(f"clean accuracy {clean:.3f} < {min_accuracy:.2f}: the model does not read the {used}")
     if abs(used_removed - chance) > chance_tolerance:
         reasons.append(f"accuracy with the {used} removed {used_removed:.3f} is not within {chance_tolerance:.2f} of "
-                       f"chance {chance:.3f}: the label is predictable without it (a leak in the data, or too few images "
-                       "for the tolerance)")
+                       f"chance {chance:.3f}: the label is predictable without it (a leak in the data, or too "
+                       "few images for the tolerance)")
     if abs(unused_removed - clean) > keep_tolerance:
         reasons.append(f"accuracy with the {unused} removed {unused_removed:.3f} is not within {keep_tolerance:.2f} "
                        f"of clean {clean:.3f}: the model depends on the {unused}")
@@ -81,18 +82,14 @@ def judge(clean: float, used_removed: float, unused_removed: float, n_classes: i
 
 
 def _variants(ds: CueDataset | ContrastDataset, flags: dict[str, dict[str, bool]]) -> dict[str, torch.Tensor]:
-    """Images Tensor[N,3,S,S] of each variant (name -> render flags), with ``labels``; the last set is kept."""
-    key = (type(ds).__name__, len(ds), ds.seed, ds.split, tuple(sorted(ds.params.items())))
-    if key not in _IMAGES:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # thousands of tiny ops: one thread is faster on a loaded machine
-        try:
-            out = {name: ds.images(**f) for name, f in flags.items()}
-        finally:
-            torch.set_num_threads(threads)
-        _IMAGES.clear()
-        _IMAGES[key] = out
-    return {**_IMAGES[key], "labels": ds.labels()}
+    """Images Tensor[N,3,S,S] of each variant (name -> render flags), and ``labels`` LongTensor[N]."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # thousands of tiny ops: one thread is faster on a loaded machine
+    try:
+        out = {name: ds.images(**f) for name, f in flags.items()}
+    finally:
+        torch.set_num_threads(threads)
+    return {**out, "labels": ds.labels()}
 
 
 def _accuracies(bundle: ModelBundle, images: dict[str, torch.Tensor], names: tuple[str, ...]) -> dict[str, float]:
@@ -179,9 +176,13 @@ def verify_contrast_models(a: ModelBundle, b: ModelBundle, **kwargs: Any) -> dic
 
 def _record(dataset: str, check: str, bundle: ModelBundle, ds: CueDataset | ContrastDataset, acc: dict[str, float],
             verdict: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    reasons = list(verdict["reasons"])
+    if len(bundle.classes) != len(ds.classes):  # then chance for this model is not 1 / n_classes either
+        reasons.insert(0, f"the model has {len(bundle.classes)} classes, {dataset} {len(ds.classes)} "
+                          f"({', '.join(ds.classes)}): it was not trained on this data set")
     return {"dataset": dataset, "check": check, "model": bundle.name, "n_images": len(ds), "seed": ds.seed,
-            "split": ds.split, "dataset_params": params, "accuracy": acc, **verdict, "valid": verdict["passed"],
-            "reason": "; ".join(verdict["reasons"]) or "all checks passed",
+            "split": ds.split, "dataset_params": params, "accuracy": acc, **verdict, "passed": not reasons,
+            "valid": not reasons, "reasons": reasons, "reason": "; ".join(reasons) or "all checks passed",
             "model_classes": len(bundle.classes), "dataset_classes": len(ds.classes)}
 
 
@@ -198,16 +199,20 @@ def _cached_verification(bundle: ModelBundle, role: str) -> dict[str, Any]:
     info = json.loads(meta.read_text()) if meta.is_file() else {}
     record = info.get("verification")
     if not isinstance(record, dict) or record.get("n_images") != VERIFY_IMAGES or record.get("check") != role:
-        record = verify(bundle, role)
+        record = verify(bundle, role, n_images=VERIFY_IMAGES)
         info["verification"] = record
         tmp = meta.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(info, indent=2))
-        tmp.replace(meta)
+        try:
+            tmp.write_text(json.dumps(info, indent=2))
+            tmp.replace(meta)
+        except OSError:  # a read-only cache: the record is recomputed on the next load
+            pass
     return record
 
 
 def cue_model(name: str, *, retrain: bool = False, progress: bool = True, verification: bool = True) -> ModelBundle:
-    """Load (or train and cache) cue / contrast model ``name`` with ``info["verification"]`` (unless ``verification=False``)."""
+    """Load (or train and cache) cue / contrast model ``name``, with ``info["verification"]`` unless
+    ``verification=False`` (computed once per weights, kept in the cache metadata)."""
     if name not in CUE_RECIPES:
         raise InvalidInputError(f"unknown cue model {name!r}; choose from {sorted(CUE_RECIPES)}")
     bundle = default_model(name, recipe=CUE_RECIPES[name], retrain=retrain, progress=progress)

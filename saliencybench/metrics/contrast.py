@@ -124,7 +124,8 @@ def model_contrast(heat_a: torch.Tensor, heat_b: torch.Tensor, object_masks: tor
     if not isinstance(heat_a, torch.Tensor) or not isinstance(heat_b, torch.Tensor) or heat_a.shape != heat_b.shape:
         raise InvalidInputError(
             f"heat_a and heat_b must be Tensors[B,H,W] of the same shape (the two models' maps of the same images), "
-            f"got {getattr(heat_a, 'shape', type(heat_a).__name__)} and {getattr(heat_b, 'shape', type(heat_b).__name__)}")
+            f"got {getattr(heat_a, 'shape', type(heat_a).__name__)} and "
+            f"{getattr(heat_b, 'shape', type(heat_b).__name__)}")
     return object_attribution(heat_a, object_masks, measure) - object_attribution(heat_b, object_masks, measure)
 
 
