@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..errors import SaliencyBenchError
 from ..registry import Registry
-from .datasets import SHAPES, get_dataset
+from .datasets import get_dataset
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -136,10 +136,24 @@ class Recipe:
     head_lr_scale: float = 1.0
     weight_decay: float = 1e-4
     seed: int = 0
+    dataset: str = "synthetic"  # the registered data set trained on (train / val splits)
+    dataset_params: tuple[tuple[str, Any], ...] = ()  # its further parameters, as sorted (name, value) pairs
 
     def key(self) -> str:
-        blob = json.dumps({**self.__dict__, "v": 2, "timm": timm.__version__.split(".")[0]}, sort_keys=True)
+        """The cache key: a hash of the fields; ``dataset`` and ``dataset_params`` enter it only when they
+        differ from their defaults, so the keys of the models trained on the synthetic set are unchanged."""
+        fields = dict(self.__dict__)
+        if fields["dataset"] == "synthetic":
+            del fields["dataset"]
+        if not fields["dataset_params"]:
+            del fields["dataset_params"]
+        blob = json.dumps({**fields, "v": 2, "timm": timm.__version__.split(".")[0]}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def classes(self) -> list[str]:
+        """The class names of the data set the recipe trains on."""
+        return list(get_dataset(self.dataset, size=self.size, n_images=1, seed=self.seed, split="val",
+                                **dict(self.dataset_params)).classes)
 
 
 DEFAULT_ARCHS: dict[str, Callable[[int], nn.Module]] = {
@@ -180,15 +194,15 @@ def evaluate_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tens
 
 # The default recipes share their data (same size, counts and seed): it is rendered once
 # per process and kept until every default model that uses it is cached on disk.
-_DATA: dict[tuple[int, int, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_DATA: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
-def _data_key(recipe: Recipe) -> tuple[int, int, int, int]:
-    return recipe.size, recipe.n_train, recipe.n_val, recipe.seed
+def _data_key(recipe: Recipe) -> tuple[Any, ...]:
+    return recipe.size, recipe.n_train, recipe.n_val, recipe.seed, recipe.dataset, recipe.dataset_params
 
 
 def _training_data(recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(train images, labels, val images, labels) of the synthetic set, images in [0,1]; cached in-process."""
+    """(train images, labels, val images, labels) of the recipe's data set, images in [0,1]; cached in-process."""
     key = _data_key(recipe)
     if key not in _DATA:
         threads = torch.get_num_threads()
@@ -196,10 +210,11 @@ def _training_data(recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor, torch.Te
         # 10x faster when other processes load the cores (OpenMP barriers); same images
         torch.set_num_threads(1)
         try:
-            xtr, ytr = get_dataset("synthetic", size=recipe.size, n_images=recipe.n_train, seed=recipe.seed,
-                                   split="train").tensors()
-            xva, yva = get_dataset("synthetic", size=recipe.size, n_images=recipe.n_val, seed=recipe.seed,
-                                   split="val").tensors()
+            params = dict(recipe.dataset_params)
+            xtr, ytr = get_dataset(recipe.dataset, size=recipe.size, n_images=recipe.n_train, seed=recipe.seed,
+                                   split="train", **params).tensors()
+            xva, yva = get_dataset(recipe.dataset, size=recipe.size, n_images=recipe.n_val, seed=recipe.seed,
+                                   split="val", **params).tensors()
         finally:
             torch.set_num_threads(threads)
         _DATA.clear()
@@ -219,7 +234,7 @@ def train_default_model(recipe: Recipe, progress: bool = True) -> tuple[nn.Modul
     """Train a default model from its recipe: (model in eval mode, info with accuracy and time)."""
     torch.manual_seed(recipe.seed)
     g = torch.Generator().manual_seed(recipe.seed)
-    model = DEFAULT_ARCHS[recipe.arch](len(SHAPES))
+    model = DEFAULT_ARCHS[recipe.arch](len(recipe.classes()))
 
     def norm(x: torch.Tensor) -> torch.Tensor:  # SYNTHETIC_MEAN / SYNTHETIC_STD
         return ((x - 0.5) / 0.25).contiguous(memory_format=torch.channels_last)
@@ -270,7 +285,8 @@ def default_model(name: str, recipe: Recipe | None = None, retrain: bool = False
     The cache file is keyed by the recipe and the architecture (:func:`architecture_key`).
     """
     recipe = recipe or DEFAULT_RECIPES[name]
-    model = DEFAULT_ARCHS[name](len(SHAPES))
+    classes = recipe.classes()
+    model = DEFAULT_ARCHS[recipe.arch](len(classes))
     stem = cache_dir() / f"{name}-{recipe.key()}-{architecture_key(model)}"
     weights, meta = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
     if weights.exists() and meta.exists() and not retrain:
@@ -283,8 +299,8 @@ def default_model(name: str, recipe: Recipe | None = None, retrain: bool = False
         tmp.replace(weights)
         meta.write_text(json.dumps(info, indent=2))
         _release_training_data(recipe)
-    info = {**info, "source": "trained on synthetic", "weights": str(weights)}
-    return ModelBundle(name, model.eval(), list(SHAPES), recipe.size, SYNTHETIC_MEAN, SYNTHETIC_STD, info)
+    info = {**info, "source": f"trained on {recipe.dataset}", "weights": str(weights)}
+    return ModelBundle(name, model.eval(), classes, recipe.size, SYNTHETIC_MEAN, SYNTHETIC_STD, info)
 
 
 # ---- the registry: default models, timm names, checkpoints -------------------------------
