@@ -46,6 +46,10 @@ MAX_CONFIG_NODES = 100_000
 MAX_CONFIG_DEPTH = 32
 
 
+PART_KEYS = ("dataset", "dataset_params", "models", "methods", "metrics", "n_images", "batch_size", "method_params",
+             "metric_params", "checkpoints", "model_dataset_params", "pairs", "image_size", "preprocess")
+
+
 class ConfigError(SaliencyBenchError):
     """A config file or flag with an unknown key or a value of the wrong type."""
 
@@ -78,6 +82,12 @@ class RunConfig:
     register methods and metrics. ``inspect``: model-inspection sections for the
     report (``filters``, ``activations``, ``class-visualisation``, ``neighbours``,
     ``tsne``). ``gallery_images``: images per model shown in the report's gallery.
+    ``model_dataset_params``: per model, data-set parameters that differ for it (the
+    contrast models' ``label``). ``pairs``: (model A, model B) pairs scored together by
+    the ``"pair"`` metrics (model contrast). ``parts``: further named blocks of the run,
+    each a mapping of the keys above that differ from the top level (another data set,
+    models, metrics, fewer images); their results are reported in their own sections and
+    never mixed into the main ranking (:data:`PART_KEYS`).
     """
 
     models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
@@ -100,6 +110,9 @@ class RunConfig:
     store_heatmaps: bool = True
     gallery_images: int = 4
     plugins: list[str] = field(default_factory=list)
+    model_dataset_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    pairs: list[list[str]] = field(default_factory=list)
+    parts: dict[str, dict[str, Any]] = field(default_factory=dict)
     output: str = "results"
 
     def __post_init__(self) -> None:
@@ -136,7 +149,12 @@ def _suggest(name: str, valid: list[str]) -> str:
 def _check_type(key: str, value: Any, hint: Any) -> None:
     origin = getattr(hint, "__origin__", None)
     if origin is list:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        inner = hint.__args__[0]
+        if getattr(inner, "__origin__", None) is list:
+            if not isinstance(value, list) or not all(isinstance(v, list) and len(v) == 2 and
+                                                      all(isinstance(n, str) for n in v) for v in value):
+                raise ConfigError(f"config key {key!r} must be a list of [name, name] pairs, got {value!r}")
+        elif not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"config key {key!r} must be a list of names, got {value!r}")
     elif origin is dict:
         if not isinstance(value, dict):
@@ -174,6 +192,12 @@ def config_from_dict(data: dict[str, Any], base: RunConfig | None = None) -> Run
             raise ConfigError(f"unknown config key {k!r}{hint}; valid keys: {sorted(hints)}")
     for k, v in data.items():
         _check_type(k, v, hints[k])
+    for name, part in data.get("parts", {}).items():
+        for k, v in part.items():
+            if k not in PART_KEYS:
+                raise ConfigError(f"part {name!r} has an unknown key {k!r}{_suggest(str(k), list(PART_KEYS))}; a part "
+                                  f"sets {list(PART_KEYS)}")
+            _check_type(f"parts.{name}.{k}", v, hints[k])
     if data.get("preprocess", "squash") not in PREPROCESSING:
         raise ConfigError(f"config key 'preprocess' must be one of {list(PREPROCESSING)}, got "
                           f"{data['preprocess']!r}{_suggest(str(data['preprocess']), list(PREPROCESSING))}")
@@ -226,3 +250,18 @@ def load_config(path: str | Path) -> RunConfig:
         raise ConfigError(f"config file {str(path)!r} is nested too deeply to parse") from None
     _check_size(data, repr(str(path)))
     return config_from_dict(data or {})
+
+
+def part_config(config: RunConfig, part: str) -> RunConfig:
+    """The config of one named part of a run (``""``: the main block): the top level with the part's keys."""
+    if not part:
+        return config
+    if part not in config.parts:
+        from ..errors import UnknownNameError
+
+        raise UnknownNameError("part", part, list(config.parts))
+    over = dict(config.parts[part])
+    for k in ("method_params", "metric_params"):
+        if k in over:
+            over[k] = merge_params(getattr(config, k), over[k])
+    return dataclasses.replace(config, parts={}, inspect=[], **over)

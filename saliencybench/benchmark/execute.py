@@ -29,7 +29,7 @@ from ..errors import NotApplicableError, SaliencyBenchError
 from ..methods.base import collect_notes, explain, get_method, progress_to
 from ..methods.shared import SharedPasses, pass_requests
 from ..metrics.base import GROUPS, MetricResult, ScoreBatch, get_metric
-from .config import RunConfig
+from .config import RunConfig, part_config
 from .datasets import GroundTruthDataset, Sample, UnreadableImageError, get_dataset
 from .devices import resolve_device
 from .models import ModelBundle, load_model
@@ -62,8 +62,10 @@ class TaskContext:
     run_id: str
     run_dir: Path | None = None
     _models: dict[str, ModelBundle] = field(default_factory=dict)
-    _dataset: GroundTruthDataset | None = None
+    _datasets: dict[str, GroundTruthDataset] = field(default_factory=dict)
     _device: torch.device | None = None
+    _parts: dict[str, TaskContext] = field(default_factory=dict)
+    part: str = ""
     _prepared: dict[tuple[str, tuple[int, ...]], tuple[list[Group], list[dict[str, Any]]]] = field(default_factory=dict)
     _shared: tuple[Any, SharedPasses] | None = None
     _logits: dict[tuple[str, tuple[int, ...]], torch.Tensor] = field(default_factory=dict)
@@ -83,15 +85,33 @@ class TaskContext:
             self._models[name] = bundle
         return self._models[name]
 
+    def for_part(self, part: str) -> TaskContext:
+        """The context of one part of the run (its data set, models and metrics); models are shared."""
+        if not part or part == self.part:
+            return self
+        if part not in self._parts:
+            sub = TaskContext(part_config(self.config, part), self.run_id, self.run_dir, self._models,
+                              explain_allowed=self.explain_allowed, inner_progress=self.inner_progress, part=part)
+            sub._device = self._device
+            self._parts[part] = sub
+        return self._parts[part]
+
     @property
     def dataset(self) -> GroundTruthDataset:
-        if self._dataset is None:
-            params = dict(self.config.dataset_params)
-            if self.config.dataset == "synthetic":
+        """The part's data set (as the config gives it, without per-model parameters)."""
+        return self.dataset_for("")
+
+    def dataset_for(self, model: str) -> GroundTruthDataset:
+        """The data set ``model`` sees: the config's parameters and the model's ``model_dataset_params``."""
+        extra = self.config.model_dataset_params.get(model, {}) if model else {}
+        key = json.dumps(extra, sort_keys=True, default=str)
+        if key not in self._datasets:
+            params = {**self.config.dataset_params, **extra}
+            if self.config.dataset.startswith("synthetic"):
                 params.setdefault("n_images", self.config.n_images)
                 params.setdefault("seed", self.config.seed)
-            self._dataset = get_dataset(self.config.dataset, **params)
-        return self._dataset
+            self._datasets[key] = get_dataset(self.config.dataset, **params)
+        return self._datasets[key]
 
     def input_size(self, model: str) -> int:
         return self.config.image_size or self.model(model).input_size
@@ -108,7 +128,7 @@ class TaskContext:
             skipped = []
             for i in indices:
                 try:
-                    img, sample = preprocess(self.dataset[i], size, self.config.preprocess, crop_pct)
+                    img, sample = preprocess(self.dataset_for(model)[i], size, self.config.preprocess, crop_pct)
                     by_shape.setdefault(tuple(img.shape), []).append((i, img, sample))
                 except (UnreadableImageError, SaliencyBenchError) as e:
                     skipped.append({"index": i, "error": str(e)})
@@ -134,7 +154,7 @@ class TaskContext:
         return self._shared[1]
 
     def class_name(self, model: str, label: int) -> str:
-        classes = self.dataset.classes
+        classes = self.dataset_for(model).classes
         return classes[label] if 0 <= label < len(classes) else str(label)
 
 
@@ -168,7 +188,7 @@ def inner_bar(ctx: TaskContext, label: str) -> Iterator[None]:
 def _base(task: Task, ctx: TaskContext, mparams: dict[str, Any]) -> dict[str, Any]:
     return {"run_id": ctx.run_id, "dataset": ctx.config.dataset, "model": task.model, "method": task.method,
             "seed": ctx.config.seed, "versions": _json(package_versions()), "task": task.key,
-            "method_params": _json(mparams), "device": str(ctx.device)}
+            "method_params": _json(mparams), "device": str(ctx.device), "part": task.part}
 
 
 def _sample_fields(ctx: TaskContext, model: str, s: Sample) -> dict[str, Any]:
@@ -203,6 +223,10 @@ def run_explain(task: Task, ctx: TaskContext) -> tuple[list[dict[str, Any]], Hea
     spec = get_method(task.method)
     applicable = spec.check(bundle.model)
     reason = "" if applicable.applicable else f"not applicable: {applicable.reason}"
+    check = bundle.info.get("verification")
+    if isinstance(check, dict) and not check.get("valid", True):
+        reason = "; ".join(r for r in (f"model not valid for {check.get('dataset')}: {check.get('reason')}", reason)
+                           if r)
     for g in groups:
         mp = method_params(ctx, task.method, tuple(g.x.shape[-2:]))
         logits = ctx.logits(task.model, g)
@@ -265,23 +289,46 @@ def decode_stats(row: pd.Series) -> np.ndarray:
 def _score_group(task: Task, ctx: TaskContext, g: Group, heat: Heat,
                  params: dict[str, dict[str, Any]]) -> dict[str, MetricResult]:
     """The result of each metric of the task on one group (group metrics through their shared scorer)."""
-    bundle = ctx.model(task.model)
-    size = tuple(g.x.shape[-2:])
-    batch = ScoreBatch(bundle.model, g.x, g.labels, torch.stack([heat.maps[i] for i in g.indices]).to(ctx.device),
-                       [s.mask for s in g.samples], [s.boxes for s in g.samples], g.labels,
-                       ctx.logits(task.model, g), task.method, method_params(ctx, task.method, size),
-                       ctx.config.seed, len(ctx.dataset.classes))
+    batch = _batch(task.model, task, ctx, g, heat)
+    if task.kind == "pair":
+        batch.contrast = _partner_batch(task, ctx, g)
     specs = {m: get_metric(m) for m in task.metrics}
     group = specs[task.metrics[0]].group
     with warnings.catch_warnings(), inner_bar(ctx, task.label()):
         warnings.simplefilter("ignore")
         if group is not None and group in GROUPS:
-            resolved = {m: specs[m].resolve_params(params[m], size) for m in task.metrics}
+            resolved = {m: specs[m].resolve_params(params[m], tuple(g.x.shape[-2:])) for m in task.metrics}
             out = GROUPS[group](batch, resolved)
             for m, r in out.items():
                 r.params = {**resolved[m], **r.params}
             return {m: out[m] for m in task.metrics}
         return {m: specs[m].score(batch, params[m]) for m in task.metrics}
+
+
+def _batch(model: str, task: Task, ctx: TaskContext, g: Group, heat: Heat) -> ScoreBatch:
+    bundle = ctx.model(model)
+    size = tuple(g.x.shape[-2:])
+    return ScoreBatch(bundle.model, g.x, g.labels, torch.stack([heat.maps[i] for i in g.indices]).to(ctx.device),
+                      [s.mask for s in g.samples], [s.boxes for s in g.samples], g.labels, ctx.logits(model, g),
+                      task.method, method_params(ctx, task.method, size), ctx.config.seed,
+                      len(ctx.dataset_for(model).classes))
+
+
+def _partner_batch(task: Task, ctx: TaskContext, g: Group) -> ScoreBatch:
+    """The pair's second model's batch of the same images (its own targets and maps, from the store)."""
+    partner = task.partner
+    explain = Task("explain", partner, task.method, task.explain_indices, part=task.part)
+    heat = stored_heat(explain, ctx)
+    if heat is None:
+        raise SaliencyBenchError(f"no stored heatmaps of {partner} {task.method} for the pair task; pair metrics need "
+                                 "store_heatmaps: true and the partner's explain tasks finished")
+    groups, _ = ctx.prepare(partner, tuple(g.indices))
+    if len(groups) != 1 or groups[0].indices != g.indices:
+        raise SaliencyBenchError(f"{partner} does not see the same images as {task.model}: a pair needs both models "
+                                 "on the same data set and input size")
+    if heat.na:
+        raise NotApplicableError(f"{task.method} does not apply to {partner}: {heat.na}")
+    return _batch(partner, task, ctx, groups[0], heat)
 
 
 def _group_rows(task: Task, ctx: TaskContext, g: Group, heat: Heat, params: dict[str, dict[str, Any]],
@@ -311,8 +358,14 @@ def run_score(task: Task, ctx: TaskContext, heat: Heat) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for g in groups:
         base = _base(task, ctx, method_params(ctx, task.method, tuple(g.x.shape[-2:])))
+        if task.kind == "pair":
+            base["partner"] = task.partner
         try:
             rows += _group_rows(task, ctx, g, heat, params, base)
+        except NotApplicableError as e:
+            rows += [{**base, **_sample_fields(ctx, task.model, s), "metric": m, "value": float("nan"),
+                      "metric_params": _json(params[m]), "metric_config": _json(params[m]), "note": f"n/a: {e}"}
+                     for m in task.metrics for s in g.samples]
         except SaliencyBenchError:
             for j, i in enumerate(g.indices):
                 one = Group([i], g.x[j : j + 1], g.labels[j : j + 1], [g.samples[j]])
@@ -373,6 +426,7 @@ def run_unit(unit: Unit, ctx: TaskContext, done: set[str]) -> list[TaskDone]:
     """Run the tasks of ``unit`` not in ``done``; write their rows (and heatmaps) under ``ctx.run_dir``.
     An explain task already done is not rerun when its heatmaps are in the store."""
     assert ctx.run_dir is not None
+    ctx = ctx.for_part(unit.explain.part)
     rows_dir = ctx.run_dir / "rows"
     todo_scores = [t for t in unit.scores if t.key not in done]
     if unit.explain.key in done and not todo_scores:

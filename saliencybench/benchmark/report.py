@@ -38,6 +38,15 @@ nav ul{columns:3;font-size:13px}img{max-width:100%;height:auto}figure{margin:.6e
 figcaption{font-size:12px;color:#555}details{margin:1em 0}.muted{color:#777;font-size:12px}"""
 
 
+def _models_info(run: Run) -> dict[str, dict]:
+    file = run.path / "models.json"
+    try:
+        info = json.loads(file.read_text()) if file.is_file() else {}
+    except (OSError, ValueError):
+        info = {}
+    return info if isinstance(info, dict) else {}
+
+
 def _rows_and_board(run: Run) -> tuple[pd.DataFrame, Board]:
     rows = run.results
     n_classes = None
@@ -45,7 +54,8 @@ def _rows_and_board(run: Run) -> tuple[pd.DataFrame, Board]:
         n_classes = len(TaskContext(run.config, run.run_id, run.path).dataset.classes)
     except SaliencyBenchError:
         pass
-    return rows, compute_board(rows, run.config.metric_params, n_classes, seed=run.config.seed)
+    return rows, compute_board(rows, run.config.metric_params, n_classes, seed=run.config.seed,
+                               models_info=_models_info(run))
 
 
 def write_leaderboard(run: Run, board: Board | None = None) -> tuple[Board, Path]:
@@ -198,14 +208,10 @@ def _gallery(run: Run, rows: pd.DataFrame, out: Path) -> list[Path]:
 
 
 def _models_table(run: Run, board: Board) -> pd.DataFrame:
-    file = run.path / "models.json"
-    try:
-        info = json.loads(file.read_text()) if file.is_file() else {}
-    except (OSError, ValueError):
-        info = {}
+    info = _models_info(run)
     acc = board.accuracy.set_index("model").top1_accuracy if not board.accuracy.empty else pd.Series(dtype=float)
     out = []
-    for name in run.config.models:
+    for name in [*run.config.models, *(m for p in run.config.parts.values() for m in p.get("models", []))]:
         i = info.get(name, {})
         out.append({"model": name, "architecture": i.get("architecture", ""), "input size": i.get("input_size", ""),
                     "parameters": f"{i['parameters'] / 1e6:.2f} M" if "parameters" in i else "",
@@ -259,6 +265,16 @@ def write_report(run: Run | str | Path) -> Path:
                         "(Adebayo et al., NeurIPS 2018); never a rank term.</p>")
         part += [_img(p, "similarity to the original maps as blocks are randomised") for p in png(stages)]
         sections.append(("sanity", "Sanity check: model randomisation", part))
+    if board.model_use:
+        part = ["<p>Exact masks say where the object is, not what the model relies on. These blocks use models "
+                "whose cue is verified by intervention (FunnyBirds, Hesse et al. ICCV 2023; Zhou et al. AAAI 2022; "
+                "BAM, Yang & Kim 2019): the score on the verified cue beside the score on the object masks, and "
+                "the model-contrast score (1 is perfect, 0 is a method blind to the model).</p>"]
+        if not board.validity.empty:
+            part += ["<h3>Verification of the models</h3>", table_html(board.validity)]
+        for title, t in board.model_use.items():
+            part += [f"<h3>{html.escape(title)}</h3>", table_html(t, index=True)]
+        sections.append(("model-use", "What the model uses", part))
     if gallery:
         sections.append(("gallery", "Heatmaps", [_img(p, p.stem.replace("gallery_", "")) for p in png(gallery)]))
     sections.append(("models", "Models", [table_html(_models_table(run, board))]))

@@ -24,12 +24,12 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..errors import SaliencyBenchError
-from .config import RunConfig, config_from_dict
+from .config import RunConfig, config_from_dict, part_config
 from .execute import TaskContext
 from .executors import Executor, InProcessExecutor, ProcessExecutor
 from .provenance import package_versions
 from .store import HeatmapStore, write_atomic
-from .tasks import Unit, iter_tasks, plan_units
+from .tasks import Unit, iter_tasks, pair_units, plan_units
 from .validate import check_run_id, config_diff, validate
 
 __all__ = ["Run", "run", "open_run", "InProcessExecutor", "ProcessExecutor", "TaskContext", "read_rows",
@@ -195,7 +195,7 @@ def write_models_json(path: Path, ctx: TaskContext) -> None:
         params = sum(p.numel() for p in b.model.parameters())
         known[name] = {**known.get(name, {}), **{k: v for k, v in b.info.items() if k != "recipe"},
                        "architecture": type(b.model).__name__, "input_size": b.input_size, "parameters": params,
-                       "classes": len(b.classes)}
+                       "classes": len(b.classes), "arch": (b.info.get("recipe") or {}).get("arch", name)}
     write_json_atomic(file, known)
 
 
@@ -240,6 +240,17 @@ def execute(units: list[Unit], ctx: TaskContext, path: Path, executor: Executor 
     return count
 
 
+def plan(config: RunConfig, ctx: TaskContext) -> tuple[list[Unit], list[Unit]]:
+    """(units of every part of the run, pair units that run after them)."""
+    units, pairs = [], []
+    for part in ["", *config.parts]:
+        sub = ctx.for_part(part)
+        n = len(sub.dataset)
+        units += plan_units(sub.config, n, part)
+        pairs += pair_units(sub.config, n, part)
+    return units, pairs
+
+
 def run(config: RunConfig | None = None, *, run_id: str | None = None, resume: str | Path | None = None,
         executor: Executor | None = None, progress: bool = True, stop_after: int | None = None,
         report: bool = False) -> Run:
@@ -262,15 +273,18 @@ def run(config: RunConfig | None = None, *, run_id: str | None = None, resume: s
                 "resume it with its own config (omit the flags that change it) or start a new run")
         config = dataclasses.replace(old.config, device=config.device)
         ctx = TaskContext(config, path.name, path)
-        n = len(ctx.dataset)
     else:
         ctx = TaskContext(config, "")
-        n = len(ctx.dataset)  # a data set that cannot be built fails before a run directory exists
+        for part in ["", *config.parts]:  # a data set that cannot be built fails before a run directory exists
+            TaskContext(part_config(config, part), "").dataset
         path = _new_run_dir(config, run_id)
         ctx.run_id, ctx.run_dir = path.name, path
-    units = plan_units(config, n)
     ctx.inner_progress = progress and (executor is None or isinstance(executor, InProcessExecutor))
-    execute(units, ctx, path, executor, progress, stop_after)
+    units, pairs = plan(config, ctx)
+    count = execute(units, ctx, path, executor, progress, stop_after)
+    if pairs and (stop_after is None or count < stop_after):  # pair tasks read both models' stored heatmaps
+        execute(pairs, ctx, path, executor, progress, None if stop_after is None else stop_after - count,
+                desc="pairs")
     result = Run(path, config)
     if report:
         result.report()

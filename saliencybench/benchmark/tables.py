@@ -43,6 +43,8 @@ class Board:
     loc_error: pd.DataFrame
     skipped: pd.DataFrame
     info: dict[str, Any] = field(default_factory=dict)
+    model_use: dict[str, pd.DataFrame] = field(default_factory=dict)
+    validity: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def models(self) -> list[str]:
@@ -87,8 +89,11 @@ def _cost(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def compute_board(rows: pd.DataFrame, metric_params: dict | None = None, n_classes: int | None = None,
-                  n_boot: int = 1000, seed: int = 0, baseline: str = "random") -> Board:
-    """The :class:`Board` of ``rows`` (a run's results); ``metric_params``: the run's configured ones."""
+                  n_boot: int = 1000, seed: int = 0, baseline: str = "random",
+                  models_info: dict[str, dict] | None = None) -> Board:
+    """The :class:`Board` of ``rows`` (a run's results; only its main block is ranked);
+    ``metric_params``: the run's configured ones."""
+    all_rows, rows = rows, main_rows(rows)
     entries: dict[tuple[str, str, str], MethodPool] = {}
     infos: dict[str, MetricInfo] = {}
     for mp in pools(rows, n_classes, metric_params):
@@ -125,7 +130,74 @@ def compute_board(rows: pd.DataFrame, metric_params: dict | None = None, n_class
     info = {"n_images": int(predictions(rows).image_id.nunique()) if not rows.empty else 0}
     return Board(metrics, ranking, across, pd.concat(verdicts, ignore_index=True) if verdicts else pd.DataFrame(),
                  na, missing, _settings(rows, "method", "method_params"), _settings(rows, "metric", "metric_params"),
-                 _cost(rows), model_accuracy(rows).reset_index(), localisation_error(rows), skipped, info)
+                 _cost(rows), model_accuracy(rows).reset_index(), localisation_error(rows), skipped, info,
+                 model_use_tables(all_rows, {m: i.get("arch", m) for m, i in (models_info or {}).items()}),
+                 model_validity(models_info or {}))
+
+
+def main_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the run's main block (parts are reported on their own)."""
+    if rows.empty or "part" not in rows:
+        return rows
+    return rows[rows.part.fillna("") == ""]
+
+
+def _mean_ci(values: pd.Series, seed: int = 0) -> str:
+    from .leaderboard import bootstrap_ci
+
+    v = values.to_numpy(float)
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return "n/a"
+    lo, hi = bootstrap_ci(v, seed=seed)
+    return f"{v.mean():.3f}±{(hi - lo) / 2:.3f}"
+
+
+def model_use_tables(rows: pd.DataFrame, arch_of: dict[str, str]) -> dict[str, pd.DataFrame]:
+    """What the model uses, from the run's parts: per part, a table of methods x (architecture, metric): the
+    metric on the main block's ground truth (object masks) beside the same metric on the part's ground truth
+    (a verified cue), models matched by architecture; and one table of the pair metrics (model contrast)
+    per method and pair. Scores are means over images with half their 95% bootstrap CI."""
+    out: dict[str, pd.DataFrame] = {}
+    if rows.empty or "part" not in rows:
+        return out
+    parts = sorted(p for p in rows.part.fillna("").unique() if p)
+    main = main_rows(rows)
+    for part in parts:
+        r = rows[rows.part == part]
+        pair = r[r.metric.map(lambda n: (s := output_spec(n)) is not None and s.name == n and "pair" in s.inputs)]
+        if not pair.empty:
+            t = {}
+            for (model, partner, metric), g in pair.groupby(["model", "partner", "metric"]):
+                t[f"{metric} {model} vs {partner}"] = g.groupby("method").value.apply(_mean_ci)
+            out[f"{part}: model contrast"] = pd.DataFrame(t)
+        single = r[r.metric.map(lambda n: (s := output_spec(n)) is not None and s.name == n
+                                and "pair" not in s.inputs)]
+        if single.empty:
+            continue
+        for metric, gm in single.groupby("metric"):
+            cols = {}
+            for model, g in gm.groupby("model"):
+                arch = arch_of.get(model, model)
+                for twin in [m for m in main.model.unique() if arch_of.get(m, m) == arch]:
+                    m = main[(main.model == twin) & (main.metric == metric)]
+                    if not m.empty:
+                        cols[f"{twin} on objects"] = m.groupby("method").value.apply(_mean_ci)
+                cols[f"{model} on {part}"] = g.groupby("method").value.apply(_mean_ci)
+            out[f"{part}: {metric}, object masks vs the part's verified ground truth"] = pd.DataFrame(cols)
+    return out
+
+
+def model_validity(models_info: dict[str, dict]) -> pd.DataFrame:
+    """The verification record of every model that has one (cue and contrast models)."""
+    recs = []
+    for name, info in models_info.items():
+        v = info.get("verification")
+        if isinstance(v, dict):
+            acc = v.get("accuracy", {})
+            recs.append({"model": name, "data set": v.get("dataset", ""), "valid": bool(v.get("valid", False)),
+                         **{f"accuracy {k}": a for k, a in acc.items()}, "reason": v.get("reason", "")})
+    return pd.DataFrame(recs)
 
 
 def overall_table(board: Board) -> pd.DataFrame:

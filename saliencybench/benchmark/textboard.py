@@ -131,6 +131,17 @@ def render_text(board: Board, width: int = 100, models: Sequence[str] | None = N
                      "ranks with groups")
         for block in _blocks(t, width, keep=0):
             lines += [_text(block), ""]
+    for title, t in board.model_use.items():
+        lines.append(f"What the model uses. {title} (mean ±half 95% CI)")
+        t = t.copy()
+        t.index.name = "method"
+        for block in _blocks(t, width, keep=0):
+            lines += [_text(block), ""]
+    if not board.validity.empty:
+        bad = board.validity[~board.validity["valid"].astype(bool)]
+        lines.append(f"verified models: {len(board.validity) - len(bad)} of {len(board.validity)} valid" +
+                     "".join(f"; {r.model} NOT VALID: {r.reason}" for r in bad.itertuples()))
+        lines.append("")
     if not board.not_applicable.empty:
         lines.append("n/a:")
         for r in board.not_applicable.itertuples():

@@ -18,7 +18,7 @@ from ..errors import SaliencyBenchError, UnknownNameError
 from ..methods.base import get_method
 from ..metrics.base import get_metric
 from ..registry import check_params
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, part_config
 from .datasets import DATASETS
 from .devices import resolve_device
 from .plugins import load_plugins
@@ -70,21 +70,42 @@ def check_model_name(name: str) -> None:
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    """Check the whole config; return it with duplicate names removed. Raises :class:`SaliencyBenchError`."""
+    """Check the whole config (and each of its parts); return it with duplicate names removed. Raises
+    :class:`SaliencyBenchError` naming the key and the fix."""
     from . import load_all
 
     load_all()
     load_plugins(cfg.plugins)
-    cfg = dataclasses.replace(cfg, models=_dedupe("models", cfg.models), methods=_dedupe("methods", cfg.methods),
-                              metrics=_dedupe("metrics", cfg.metrics))
+    cfg = _block(cfg, "")
+    parts = {}
+    for name in cfg.parts:
+        if not RUN_ID.fullmatch(name):
+            raise ConfigError(f"part name {name!r} must be letters, digits, '.', '_' or '-'")
+        sub = _block(part_config(cfg, name), f"parts.{name}.")
+        parts[name] = {k: getattr(sub, k) if k in ("models", "methods", "metrics") else v
+                       for k, v in cfg.parts[name].items()}
+    from .inspection import INSPECTIONS
+
+    bad = sorted(set(cfg.inspect) - set(INSPECTIONS))
+    if bad:
+        raise ConfigError(f"unknown inspection(s) {bad} in config key 'inspect'; choose from {list(INSPECTIONS)}")
+    _positive("gallery_images", cfg.gallery_images, 0, 64)
+    _positive("seed", cfg.seed, 0)
+    resolve_device(cfg.device)
+    return dataclasses.replace(cfg, parts=parts)
+
+
+def _block(cfg: RunConfig, where: str) -> RunConfig:
+    """Checks of one block (the main one or a part): names, parameters, data set, checkpoints, pairs."""
+    cfg = dataclasses.replace(cfg, models=_dedupe(f"{where}models", cfg.models),
+                              methods=_dedupe(f"{where}methods", cfg.methods),
+                              metrics=_dedupe(f"{where}metrics", cfg.metrics))
     for key in ("models", "methods", "metrics"):
         if not getattr(cfg, key):
-            raise ConfigError(f"config key {key!r} is empty; name at least one")
-    _positive("n_images", cfg.n_images)
-    _positive("batch_size", cfg.batch_size)
-    _positive("image_size", cfg.image_size, 0, MAX_IMAGE_SIZE)
-    _positive("seed", cfg.seed, 0)
-    _positive("gallery_images", cfg.gallery_images, 0, 64)
+            raise ConfigError(f"config key {where}{key!r} is empty; name at least one")
+    _positive(f"{where}n_images", cfg.n_images)
+    _positive(f"{where}batch_size", cfg.batch_size)
+    _positive(f"{where}image_size", cfg.image_size, 0, MAX_IMAGE_SIZE)
     for m in cfg.models:
         check_model_name(m)
     for m in cfg.methods:
@@ -102,20 +123,26 @@ def validate(cfg: RunConfig) -> RunConfig:
             get_method(m)
     ds = DATASETS.get(cfg.dataset)
     check_params("data set", cfg.dataset, cfg.dataset_params, ds.factory, ds.params)
+    for model, params in cfg.model_dataset_params.items():
+        if model not in cfg.models:
+            raise UnknownNameError(f"model in {where}model_dataset_params", model, cfg.models)
+        check_params("data set", cfg.dataset, params, ds.factory, ds.params)
     for name, path in cfg.checkpoints.items():
-        if name not in cfg.models:
+        if name not in cfg.models and not where:
             raise UnknownNameError("model in --checkpoint", name, cfg.models)
         if not Path(path).is_file():
             from .models import ModelLoadError
 
             raise ModelLoadError(f"checkpoint {path!r} of model {name!r} does not exist; pass the path of a "
                                  ".safetensors or .pt file")
-    from .inspection import INSPECTIONS
-
-    bad = sorted(set(cfg.inspect) - set(INSPECTIONS))
-    if bad:
-        raise ConfigError(f"unknown inspection(s) {bad} in config key 'inspect'; choose from {list(INSPECTIONS)}")
-    resolve_device(cfg.device)
+    pair_metrics = [m for m in cfg.metrics if "pair" in get_metric(m).inputs]
+    for a, b in cfg.pairs:
+        for m in (a, b):
+            if m not in cfg.models:
+                raise UnknownNameError(f"model in {where}pairs", m, cfg.models)
+    if pair_metrics and not cfg.pairs:
+        raise ConfigError(f"metric(s) {pair_metrics} compare two models: list them in {where}pairs, e.g. "
+                          "pairs: [[contrast-object-resnet, contrast-background-resnet]]")
     return cfg
 
 

@@ -2,6 +2,7 @@
 
 from .base import METRICS, MetricSpec, get_metric, list_metrics, register_metric
 from .complexity import complexity, sparseness
+from .contrast import model_contrast, model_contrast_score
 from .faithfulness import (average_drop, confidence_change, faithfulness_correlation, increase_in_confidence,
                            infidelity)
 from .grid_pointing import grid_pointing_game
@@ -22,4 +23,5 @@ __all__ = [
     "pxap_reduce", "complexity", "sparseness", "grid_pointing_game", "random_logit", "avg_sensitivity",
     "local_lipschitz", "max_sensitivity", "average_drop", "confidence_change", "faithfulness_correlation",
     "increase_in_confidence", "infidelity", "road", "road_lerf", "road_morf", "road_perturbations",
+    "model_contrast", "model_contrast_score",
 ]

@@ -10,7 +10,8 @@ names a metric:
   images, targets and heatmaps at the model's input resolution), ``"masks"`` /
   ``"boxes"`` (heatmaps at the ground truth's resolution and the ground truth),
   ``"method"`` (it calls the explanation method again: sanity and robustness
-  metrics), ``"labels"`` (the samples' classes);
+  metrics), ``"labels"`` (the samples' classes), ``"pair"`` (the same images under a second
+  model, attached as ``ScoreBatch.contrast``: the runner scores it on the config's ``pairs``);
 - ``heatmap``: the form of the map it takes: ``"as_is"`` (whatever sign the method
   gives), ``"abs"`` (absolute values) or ``"positive"`` (negative values set to 0);
 - ``higher_is_better``, ``value_range``, ``criterion`` (one of :data:`CRITERIA`),
@@ -54,7 +55,7 @@ from torch import nn
 from ..errors import InvalidInputError
 from ..registry import Constraint, Registry, check_params, keyword_defaults
 
-METRIC_INPUTS = ("heatmaps", "model", "masks", "boxes", "method", "labels")
+METRIC_INPUTS = ("heatmaps", "model", "masks", "boxes", "method", "labels", "pair")
 CRITERIA = ("faithfulness", "localisation", "randomisation", "robustness", "complexity", "model_use")
 HEATMAP_FORMS = ("as_is", "abs", "positive")
 LEVELS = ("image", "dataset")
@@ -82,7 +83,8 @@ class ScoreBatch:
     Tensors[n_i,4] at the resolution the ground truth is scored at (the input's for
     ``squash``, the original image's for ``shorter_side``), ``labels`` LongTensor[B]
     the samples' ground-truth classes, ``logits`` Tensor[B,C] the clean logits,
-    ``method`` and ``method_params`` the method that made the heatmaps.
+    ``method`` and ``method_params`` the method that made the heatmaps; ``contrast``: for
+    ``"pair"`` metrics, the batch of the same images under the pair's second model.
     """
 
     model: nn.Module | None
@@ -97,6 +99,7 @@ class ScoreBatch:
     method_params: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     n_classes: int | None = None
+    contrast: ScoreBatch | None = None
 
     def scored_heatmaps(self, form: str = "as_is") -> list[torch.Tensor]:
         """Each heatmap in ``form``, bilinearly resized to its ground truth's resolution: B Tensors[h_i,w_i]."""

@@ -104,7 +104,7 @@ def _scorer(spec: MetricSpec, batch: ScoreBatch, p: dict[str, Any]) -> MetricRes
     paper="Yang, Kim. Benchmarking Attribution Methods with Relative Feature Importance (BAM). arXiv 1907.09701, "
     "2019 (model contrast score)",
     higher_is_better=True,
-    inputs="masks",
+    inputs=("masks", "pair"),
     criterion="model_use",
     value_range=(-1.0, 1.0),
     heatmap="as_is",
