@@ -104,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("run", help="run directory (or run id inside results/)")
     sub.add_parser("list", help="list methods, metrics, data sets and models", formatter_class=fmt)
     tr = sub.add_parser("train", help="(re)train the embedded default models into the cache", formatter_class=fmt)
-    tr.add_argument("--models", nargs="+", help="default model names (default: all)")
+    tr.add_argument("--models", nargs="+", help="default, cue or contrast model names (default: the default models)")
     from ..inspect.cli import add_parser as add_inspect_parser
 
     add_inspect_parser(sub)
@@ -241,13 +241,18 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return plan_command(args)
     if args.command == "train":
+        from .cue_models import CUE_RECIPES, cue_model
         from .models import DEFAULT_ARCHS, default_model
 
-        for name in args.models or list(DEFAULT_ARCHS):
-            if name not in DEFAULT_ARCHS:
-                raise SaliencyBenchError(f"unknown default model {name!r}; choose from {sorted(DEFAULT_ARCHS)}")
-            b = default_model(name, retrain=True)
-            print(f"{name}: val accuracy {b.info['val_accuracy']:.4f}, {b.info['train_seconds']:.0f} s, {b.info['weights']}")
+        names = [*DEFAULT_ARCHS, *CUE_RECIPES]
+        for name in _names(args.models) or list(DEFAULT_ARCHS):
+            if name not in names:
+                raise UnknownNameError("trainable model", name, names)
+            b = cue_model(name, retrain=True) if name in CUE_RECIPES else default_model(name, retrain=True)
+            check = b.info.get("verification", {})
+            extra = f", verification: {check.get('reason')}" if check else ""
+            print(f"{name}: val accuracy {b.info['val_accuracy']:.4f}, {b.info['train_seconds']:.0f} s, "
+                  f"{b.info['weights']}{extra}")
         return 0
     from .report import write_leaderboard, write_report
     from .textboard import render
