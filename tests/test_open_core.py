@@ -254,3 +254,36 @@ def test_no_benchmark_module_names_a_metric_or_method():
         text = path.read_text()
         for name in names:
             assert not re.search(rf"[\"']{re.escape(name)}[\"']", text), f"{path.name} names {name!r}"
+
+
+def test_parts_and_pair_metrics(tmp_path):
+    """A part with another data set and per-model data-set parameters, and the model contrast of a pair;
+    parts never enter the main ranking."""
+    torch.manual_seed(0)
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file(timm.create_model("resnet10t", num_classes=6).state_dict(), str(a))
+    save_file(timm.create_model("resnet14t", num_classes=4).state_dict(), str(b))
+    save_file(timm.create_model("resnet10t", num_classes=6).state_dict(), str(tmp_path / "c.safetensors"))
+    cfg = config_from_dict(dict(
+        models=["resnet10t"], methods=["edge", "saliency"], metrics=["pointing_game"], n_images=4, batch_size=2,
+        image_size=48, dataset_params={"size": 48}, output=str(tmp_path), inspect=[],
+        checkpoints={"resnet10t": str(tmp_path / "c.safetensors")},
+        parts={"contrast": {"dataset": "synthetic-contrast", "dataset_params": {"size": 48},
+                            "models": ["resnet10t", "resnet14t"], "checkpoints": {"resnet10t": str(a), "resnet14t": str(b)},
+                            "model_dataset_params": {"resnet14t": {"label": "background"}},
+                            "pairs": [["resnet10t", "resnet14t"]], "metrics": ["model_contrast"],
+                            "metric_params": {"model_contrast": {"correct_only": False}}}}))
+    r = run(cfg, run_id="parts", progress=False)
+    rows = r.results
+    mc = rows[rows.metric == "model_contrast"]
+    assert set(mc.partner) == {"resnet14t"} and len(mc) == 2 * 4
+    assert (mc[mc.method == "edge"].value.abs() < 1e-6).all()  # the same map for both models: contrast 0
+    assert mc[mc.method == "saliency"].value.notna().all()
+    labels = rows[(rows.part == "contrast") & (rows.metric == "top1_correct")].groupby("model").label.max()
+    assert labels["resnet14t"] <= 3 and labels["resnet10t"] <= 5  # the background model sees background labels
+    board = r.board()
+    assert set(board.metrics.model) == {"resnet10t"} and "model_contrast" not in set(board.metrics.metric)
+    assert any("model contrast" in k for k in board.model_use)
+    bad = dict(cfg.to_dict(), parts={"x": {"metrics": ["model_contrast"], "models": ["resnet10t"]}})
+    with pytest.raises(sb.SaliencyBenchError, match="pairs"):
+        run(config_from_dict({k: v for k, v in bad.items()}), run_id="bad", progress=False)

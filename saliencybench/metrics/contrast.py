@@ -86,7 +86,8 @@ def _scorer(spec: MetricSpec, batch: ScoreBatch, p: dict[str, Any]) -> MetricRes
     heat_a, heat_b = batch.scored_heatmaps(), other.scored_heatmaps()
     values = np.full(len(heat_a), np.nan)
     keep = np.ones(len(heat_a), dtype=bool)
-    for b in (batch, other):
+    correct_only = p.pop("correct_only", True)
+    for b in (batch, other) if correct_only else ():
         if b.logits is not None and b.labels is not None:
             keep &= (b.logits.argmax(1).cpu() == b.labels.cpu()).numpy()
     for members in batch.shape_groups():
@@ -112,7 +113,7 @@ def _scorer(spec: MetricSpec, batch: ScoreBatch, p: dict[str, Any]) -> MetricRes
     scorer=_scorer,
 )
 def model_contrast(heat_a: torch.Tensor, heat_b: torch.Tensor, object_masks: torch.Tensor, *,
-                   measure: str = "share") -> torch.Tensor:
+                   measure: str = "share", correct_only: bool = True) -> torch.Tensor:
     """Per-image model contrast Tensor[B] in [-1, 1]: object attribution under model A minus under model B.
 
     ``heat_a`` Tensor[B,H,W]: the method's maps for the model that uses the object
@@ -120,6 +121,8 @@ def model_contrast(heat_a: torch.Tensor, heat_b: torch.Tensor, object_masks: tor
     model that does not (explaining its class), ``object_masks`` bool Tensor[B,H,W].
     ``measure`` as :func:`object_attribution`. 1: all of A's positive mass on the object
     and none of B's; 0: the same attribution under both (a method blind to the model).
+    ``correct_only``: in a run, score only the images both models classify correctly (BAM's
+    filter; the others score NaN); this function itself scores every image it is given.
     """
     if not isinstance(heat_a, torch.Tensor) or not isinstance(heat_b, torch.Tensor) or heat_a.shape != heat_b.shape:
         raise InvalidInputError(
