@@ -262,7 +262,7 @@ PLAN_METHOD_PARAMS = {"occlusion": {"window": 16, "stride": 16}, "rise": {"n_mas
 
 def test_plan_method_counts_equal_counted_passes(checkpoint):
     from saliencybench.benchmark.models import load_model
-    from saliencybench.benchmark.plan_costs import METHOD_COSTS, method_passes
+    from saliencybench.costs import METHOD_COSTS, method_passes
     from saliencybench.methods.base import explain, get_method, list_methods
 
     model = load_model("resnet10t", checkpoint=checkpoint).model.eval()
@@ -285,7 +285,7 @@ def test_plan_method_counts_equal_counted_passes(checkpoint):
 
 def test_plan_metric_counts_equal_the_runner_score_path(tmp_path, checkpoint):
     from saliencybench.benchmark.execute import Heat, TaskContext, run_score
-    from saliencybench.benchmark.plan_costs import metric_passes
+    from saliencybench.costs import metric_passes
     from saliencybench.benchmark.tasks import score_tasks
     from saliencybench.methods.base import explain
     from saliencybench.metrics.base import get_metric

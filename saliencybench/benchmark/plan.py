@@ -3,7 +3,7 @@
 Counts. Every (model, method) explain task and every (model, method, metric) score task
 costs, per image, a number of forward passes and of backward passes of one image through
 the model, from the method's and metric's resolved parameters at the run's input size:
-the declared costs of :mod:`.plan_costs` (occlusion: windows + 1 forwards; RISE:
+the declared costs of :mod:`saliencybench.costs` (occlusion: windows + 1 forwards; RISE:
 ``n_masks``; Integrated Gradients: ``n_steps`` forward+backward; Score-CAM: 1 + the
 layer's channels; deletion/insertion: curve points + 1; the sanity check: (1 + stages)
 x the method's cost; ...), or, for a plug-in method or metric with no declared cost, the
@@ -190,7 +190,7 @@ def make_plan(cfg: RunConfig, *, n_images: int | None = None, device: str | None
     from ..methods.base import get_method
     from ..metrics.base import get_metric
     from .devices import resolve_device
-    from .plan_costs import method_passes, metric_passes
+    from ..costs import method_passes, metric_passes
     from .tasks import metric_groups
     from .validate import validate
 

@@ -1,4 +1,5 @@
-"""Model passes per image of every method and metric, for :mod:`.plan`.
+"""Model passes per image of every method and metric (the declared cost table beside the registries),
+for :mod:`saliencybench.benchmark.plan`.
 
 A cost is ``(forwards, backwards)``: how many images go forward through the model, and how
 many backward from its output, per image explained or scored. The built-in methods and
@@ -35,9 +36,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..methods.base import explain, get_method
-from ..metrics.base import GROUPS, ScoreBatch, get_metric
-from ..modelutil import model_guard
+from .methods.base import explain, get_method
+from .metrics.base import GROUPS, ScoreBatch, get_metric
+from .modelutil import model_guard
 
 Passes = tuple[float, float]
 MethodCost = Callable[[dict[str, Any], tuple[int, int], nn.Module], Passes]
@@ -83,7 +84,7 @@ def layer_channels(model: nn.Module, layer: str | None, size: tuple[int, int]) -
     """Channels K of the CAM layer's output (``None``: timm's forward_features) at ``size``."""
     key = (id(model), layer, tuple(size))
     if key not in _CHANNELS:
-        from ..methods.cam import layer_activations
+        from .methods.cam import layer_activations
 
         p = next(model.parameters())
         x = torch.zeros(1, 3, *size, device=p.device, dtype=p.dtype)
@@ -96,7 +97,7 @@ def layer_channels(model: nn.Module, layer: str | None, size: tuple[int, int]) -
 
 def occlusion_windows(params: dict[str, Any], size: tuple[int, int]) -> int:
     """Window positions of occlusion on an image of ``size``: ny x nx (Captum's grid)."""
-    from ..methods.perturbation import default_occlusion_window, window_starts
+    from .methods.perturbation import default_occlusion_window, window_starts
 
     h, w = size
     dw, ds = default_occlusion_window(h, w)
@@ -107,7 +108,7 @@ def occlusion_windows(params: dict[str, Any], size: tuple[int, int]) -> int:
 
 def curve_forwards(params: dict[str, Any], size: tuple[int, int]) -> int:
     """Forwards of one deletion or insertion curve per image: its n + 1 points."""
-    from ..metrics.perturbation_curves import curve_points
+    from .metrics.perturbation_curves import curve_points
 
     h, w = size
     return len(curve_points(h * w, params.get("step"), params.get("n_steps"), w))
@@ -131,7 +132,7 @@ declare_metric_cost("insertion", lambda c: (curve_forwards(c.params, c.size), 0)
 
 
 def _sanity(c: MetricCall) -> Passes:
-    from ..metrics.sanity import randomization_blocks
+    from .metrics.sanity import randomization_blocks
 
     return _times(1 + len(randomization_blocks(c.model, c.params.get("granularity", "block"))), c.method(c.size))
 
