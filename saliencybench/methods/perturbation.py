@@ -17,26 +17,8 @@ from ..errors import InvalidInputError
 from ..modelutil import (autocast, fast_inference, resolve_batch_size, safe_forward, target_score,
                          upcast)
 from .base import add_note, batch_slices, generator, register_method
-
-
-def default_occlusion_window(height: int, width: int) -> tuple[int, int]:
-    """Default occlusion window and stride: window = round(min(H,W)/14), stride = window // 2.
-
-    (16 and 8 at 224 px, as Zeiler & Fergus' patch of about 1/14 of the image;
-    8 and 4 at 112 px.)
-    """
-    window = max(1, round(min(height, width) / 14))
-    return window, max(1, window // 2)
-
-
-def window_starts(size: int, window: int, stride: int) -> torch.Tensor:
-    """Start offsets of a window sliding over ``size`` pixels, Captum's convention.
-
-    ceil((size - window) / stride) + 1 positions at multiples of ``stride``; the
-    last window may be cut off by the border, so every pixel is covered.
-    """
-    n = math.ceil((size - window) / stride) + 1
-    return torch.arange(n) * stride
+from .incremental import incremental_occlusion, plan_occlusion, run_occlusion_plan
+from .windows import default_occlusion_window, window_starts
 
 
 # incremental=None: measured on 2 CPU cores, exact incremental occlusion beat full forward
@@ -90,9 +72,6 @@ def occlusion(
         add_note(f"full forward passes: incremental occlusion is tried from {AUTO_MIN_PIXELS} pixels up "
                  f"(these images have {h * w}); below, planning and crops cost more than they save")
     elif incremental is not False:
-        # Imported here: the incremental module builds on this one.
-        from .incremental import incremental_occlusion, plan_occlusion, run_occlusion_plan
-
         kw = {"baseline": baseline, "score": score, "batch_size": batch_size}
         if incremental:
             with fast_inference(model, images):  # planned and run with the norms folded
