@@ -17,7 +17,7 @@ from ..errors import InvalidInputError
 from ..modelutil import (autocast, fast_inference, resolve_batch_size, safe_forward, target_score,
                          upcast)
 from .base import add_note, batch_slices, generator, register_method
-from .incremental import incremental_occlusion, plan_occlusion, run_occlusion_plan
+from .incremental import incremental_occlusion
 from .windows import default_occlusion_window, window_starts
 
 
@@ -72,14 +72,9 @@ def occlusion(
         add_note(f"full forward passes: incremental occlusion is tried from {AUTO_MIN_PIXELS} pixels up "
                  f"(these images have {h * w}); below, planning and crops cost more than they save")
     elif incremental is not False:
-        kw = {"baseline": baseline, "score": score, "batch_size": batch_size}
-        if incremental:
-            with fast_inference(model, images):  # planned and run with the norms folded
-                plan = plan_occlusion(model, images, window=window, stride=stride)
-                add_note(plan.note)
-                return run_occlusion_plan(plan, images, targets, **kw)
-        heat, note = incremental_occlusion(model, images, targets, window=window, stride=stride,
-                                           max_flop_ratio=AUTO_MAX_FLOP_RATIO, **kw)
+        heat, note = incremental_occlusion(model, images, targets, window=window, stride=stride, baseline=baseline,
+                                           score=score, batch_size=batch_size, strict=bool(incremental),
+                                           max_flop_ratio=None if incremental else AUTO_MAX_FLOP_RATIO)
         add_note(note)
         return heat
     dev = images.device

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...errors import NotApplicableError
-from ...modelutil import channels_last, fast_inference, fast_layout, target_score
+from ...errors import InvalidInputError, NotApplicableError
+from ...modelutil import describe_error, fast_inference, fast_paths_enabled, runs_channels_last, target_score
 from ..base import batch_slices, get_method
 from ..windows import resolve_window, window_starts
 from .planning import OcclusionPlan, WindowGroup, build_plan
@@ -122,11 +122,11 @@ class _Patch:
 
 
 def _assemble(clean: torch.Tensor, hw: tuple[int, int], img: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-              patch: _Patch) -> torch.Tensor:
+              patch: _Patch, channels_last: bool) -> torch.Tensor:
     """Crops Tensor[n,C,Lh,Lw] at ``rows``[n,Lh] x ``cols``[n,Lw] of the clean maps
     ``clean``[G*h*w,C] of images ``img``[n], with ``patch``'s values inside its changed
     regions; one gather, which leaves them in channels-last memory (kept where
-    :func:`~saliencybench.modelutil.fast_layout`)."""
+    ``channels_last``: the model runs so, :func:`~saliencybench.modelutil.runs_channels_last`)."""
     h, w = hw
     inside = (((rows >= patch.ylo[:, None]) & (rows < patch.yhi[:, None]))[:, :, None]
               & ((cols >= patch.xlo[:, None]) & (cols < patch.xhi[:, None]))[:, None, :])
@@ -138,7 +138,7 @@ def _assemble(clean: torch.Tensor, hw: tuple[int, int], img: torch.Tensor, rows:
     src = torch.cat([clean, patch.values])
     n, lh, lw = idx.shape
     crops = src.index_select(0, idx.flatten()).view(n, lh, lw, -1).permute(0, 3, 1, 2)
-    return crops if fast_layout(crops) else crops.contiguous()
+    return crops if channels_last else crops.contiguous()
 
 
 class _Clock:
@@ -170,6 +170,7 @@ def _window_logits(plan: OcclusionPlan, group: WindowGroup, cache: list[torch.Te
     accumulates where the time goes.
     """
     dev, n = img.device, len(img)
+    cl = runs_channels_last(plan.model)
     (ylo, yhi), (xlo, xhi) = ((lo.to(dev)[i], hi.to(dev)[i]) for (lo, hi), i in zip(plan.windows, (iy, ix)))
     zero = torch.zeros(n, dtype=torch.long, device=dev)
     baseline_row = torch.full((1, plan.stages[0].in_shape[0]), baseline, dtype=_cache_dtype(cache), device=dev)
@@ -193,7 +194,7 @@ def _window_logits(plan: OcclusionPlan, group: WindowGroup, cache: list[torch.Te
                 y0, x0 = ay.start.to(dev)[iy], ax.start.to(dev)[ix]
                 rows = y0[:, None] + torch.arange(ay.size, device=dev)
                 cols = x0[:, None] + torch.arange(ax.size, device=dev)
-                x = _assemble(cache[j], (ay.n_in, ax.n_in), img, rows, cols, patch)  # type: ignore[arg-type]
+                x = _assemble(cache[j], (ay.n_in, ax.n_in), img, rows, cols, patch, cl)  # type: ignore[arg-type]
                 clock.tick(j, 0)
                 out = st(x)
                 clock.tick(j, 1)
@@ -207,7 +208,7 @@ def _window_logits(plan: OcclusionPlan, group: WindowGroup, cache: list[torch.Te
             h, w = shape[1:]
             rows = torch.arange(h, device=dev).expand(n, h)
             cols = torch.arange(w, device=dev).expand(n, w)
-            x = _assemble(cache[j], (h, w), img, rows, cols, patch)  # type: ignore[arg-type]
+            x = _assemble(cache[j], (h, w), img, rows, cols, patch, cl)  # type: ignore[arg-type]
             clock.tick(j, 0)
         if st is not None and st.whole is not None and not group.cropped[j + 1]:
             x, whole = st.whole(x), True  # both parts in full: the block itself, without their concatenation
@@ -276,11 +277,12 @@ def run_occlusion_plan(plan: OcclusionPlan, images: torch.Tensor, targets: torch
 
     The same windows and the same average as :func:`~.perturbation.occlusion`: each
     pixel gets the mean over the windows covering it of score(clean) - score(occluded).
-    Like the full-forward loop, float32 runs with the weights and inputs channels_last.
+    Like the full-forward loop, float32 runs with the weights and inputs channels_last
+    where :func:`~saliencybench.modelutil.fast_inference` finds that safe.
     """
     _, _, h, w = images.shape
     dev = images.device
-    with torch.no_grad(), channels_last(plan.model, fast_layout(images)):
+    with torch.no_grad(), fast_inference(plan.model, images, fold=False):
         clean, occluded = window_scores(plan, images, targets, baseline=baseline, score=score, batch_size=batch_size)
     delta = (clean[:, None, None] - occluded).float()
     (ylo, yhi), (xlo, xhi) = ((lo.to(dev), hi.to(dev)) for lo, hi in plan.windows)
@@ -293,14 +295,19 @@ def run_occlusion_plan(plan: OcclusionPlan, images: torch.Tensor, targets: torch
 
 def incremental_occlusion(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *,
                           window: int | None = None, stride: int | None = None, baseline: float = 0.0,
-                          score: str = "logit", batch_size: int = 64,
-                          max_flop_ratio: float = PLAN_COST_LIMIT) -> tuple[torch.Tensor, str]:
+                          score: str = "logit", batch_size: int = 64, max_flop_ratio: float | None = PLAN_COST_LIMIT,
+                          strict: bool = False) -> tuple[torch.Tensor, str]:
     """Occlusion heatmaps Tensor[B,H,W] computed incrementally where possible, and a note.
 
     The same numbers as :func:`~.perturbation.occlusion` (up to rounding). Falls back
     to full forward passes, saying why in the note, when the model cannot be split
     into local stages, when the plan needs more than ``max_flop_ratio`` of the
-    convolution work of full forward passes, or when there are fewer than ``MIN_JOBS`` occluded images.
+    convolution work of full forward passes, when there are fewer than ``MIN_JOBS``
+    occluded images, or when the fast paths are off (:func:`~saliencybench.modelutil.fast_paths`).
+    ``strict`` (``occlusion(incremental=True)``): none of these limits but the one given,
+    and a plan that cannot be made raises :class:`NotApplicableError` instead. Either
+    way any other failure of the incremental computation (an error in a stage, an
+    operation the trace did not foresee) falls back to full forward passes with a note.
     ``model`` must be in eval mode (as :func:`~.base.explain` puts it).
     """
     b, _, h, w = images.shape
@@ -316,16 +323,25 @@ def incremental_occlusion(model: nn.Module, images: torch.Tensor, targets: torch
                                               incremental=False)
         return heat, f"full forward passes: {why}"
 
-    if n_jobs < MIN_JOBS:
+    if not strict and n_jobs < MIN_JOBS:
         return full(f"{n_jobs} occluded images are too few to pay for planning")
-    # Planned and run with the norms folded (the plan holds the modules it traced).
-    with fast_inference(model, images):
-        try:
+    if not strict and not fast_paths_enabled():
+        return full("the fast paths are switched off (saliencybench.modelutil.fast_paths)")
+    try:
+        # Planned and run with the norms folded (the plan holds the modules it traced).
+        with fast_inference(model, images):
             plan = plan_occlusion(model, images, window=window, stride=stride, max_flop_ratio=max_flop_ratio)
-        except NotApplicableError as err:
-            return full(str(err))
-        return run_occlusion_plan(plan, images, targets, baseline=baseline, score=score,
-                                  batch_size=batch_size), plan.note
+            heat = run_occlusion_plan(plan, images, targets, baseline=baseline, score=score, batch_size=batch_size)
+        return heat, plan.note
+    except InvalidInputError:
+        raise
+    except NotApplicableError as err:
+        if strict:
+            raise
+        why = str(err)
+    except Exception as err:  # noqa: BLE001 - an optimisation may only change the speed
+        why = f"the incremental computation failed ({describe_error(err)})"
+    return full(why)
 
 
 # ---- profile --------------------------------------------------------------------------
@@ -378,7 +394,7 @@ def _occlusion_profile(model: nn.Module, images: torch.Tensor, targets: torch.Te
     total = sum(g.n_windows for g in plan.groups)
     full_t = [[math.inf] * 2 for _ in range(parts)]
     inc_t = [[[math.inf] * 2 for _ in range(parts)] for _ in plan.groups]
-    with torch.no_grad(), channels_last(model, fast_layout(images)) as fmt:
+    with torch.no_grad(), fast_inference(model, images, fold=False) as fmt:  # the enclosing block's format
         cache = clean_inputs(plan, images[:1])
         for _ in range(repeats):
             times = [[0.0, 0.0] for _ in range(parts)]
