@@ -68,10 +68,10 @@ re-exported here.
 from __future__ import annotations
 
 from ..windows import resolve_window
-from .executing import (MAX_CHUNK_FACTOR, MIN_JOBS, PLAN_COST_LIMIT, chunk_size, clean_inputs, format_profile,
-                        incremental_occlusion, occlusion_profile, plan_occlusion, run_occlusion_plan, window_scores)
-from .planning import (CROP_COST_LIMIT, GROUP_COST, MAX_BUCKETS, OPEN_BLOCKS, AxisPlan, OcclusionPlan, WindowGroup,
-                       build_plan, plan_axis, probe_image)
+from .executing import (MIN_JOBS, PLAN_COST_LIMIT, clean_inputs, format_profile, incremental_occlusion,
+                        occlusion_profile, plan_occlusion, run_occlusion_plan, window_scores)
+from .planning import (CROP_COST_LIMIT, GROUP_COST, MAX_BUCKETS, MAX_CHUNK_FACTOR, OPEN_BLOCKS, AxisPlan, OcclusionPlan,
+                       WindowGroup, build_plan, chunk_size, plan_axis, probe_image)
 from .tracing import IDENTITY, AxisGeometry, ConvRecord, Geometry, Stage, open_blocks, split_stages, trace_stage
 
 __all__ = [

@@ -22,15 +22,13 @@ from ...errors import InvalidInputError, NotApplicableError
 from ...modelutil import describe_error, fast_inference, fast_paths_enabled, runs_channels_last, target_score
 from ..base import batch_slices, get_method
 from ..windows import resolve_window, window_starts
-from .planning import OcclusionPlan, WindowGroup, build_plan
-from .tracing import Stage, _close
+from .planning import OcclusionPlan, WindowGroup, build_plan, chunk_size
+from .tracing import _close
 
 # Below this fraction of the convolution work of full forwards the plan is not worth it.
 PLAN_COST_LIMIT = 0.9
 # Below this many occluded images the plan's own forward passes are not worth it.
 MIN_JOBS = 32
-# Incremental batches hold up to this many times ``batch_size`` occluded images.
-MAX_CHUNK_FACTOR = 4
 
 
 def plan_occlusion(model: nn.Module, images: torch.Tensor, *, window: int | None = None,
@@ -226,22 +224,6 @@ def _window_logits(plan: OcclusionPlan, group: WindowGroup, cache: list[torch.Te
 def _cache_dtype(cache: list[torch.Tensor | None]) -> torch.dtype:
     """The dtype of the cached activations."""
     return next(t for t in cache if t is not None).dtype
-
-
-def chunk_size(plan: OcclusionPlan, batch_size: int, group: WindowGroup | None = None) -> int:
-    """Occluded images per incremental batch (of ``group``; by default the largest):
-    ``batch_size`` times as many windows as fit, activation for activation, in the memory
-    of one full forward pass, at most ``MAX_CHUNK_FACTOR`` times. Small crops run faster
-    in larger batches (about 1.4x from 64 to 256 windows for resnet18 at 224 px on 2
-    busy CPU cores), and one window's activations are several times smaller than a full
-    pass's."""
-    def peak(st: Stage) -> int:
-        return math.prod(st.in_shape) + max([c.numel for c in st.convs] + [math.prod(st.out_shape)])
-
-    g = group or max(plan.groups, key=lambda g: g.n_windows)
-    full = max(peak(st) for st in plan.stages)
-    incremental = max(n if c else peak(st) for st, c, n in zip(plan.stages, g.cropped, g.crop_numel))
-    return batch_size * max(1, min(MAX_CHUNK_FACTOR, full // incremental))
 
 
 def window_scores(plan: OcclusionPlan, images: torch.Tensor, targets: torch.Tensor, *, baseline: float = 0.0,

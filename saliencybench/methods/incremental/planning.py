@@ -3,7 +3,8 @@
 Per stage and axis, every window's changed output region follows from the previous
 stage's (:func:`plan_axis`); window positions are bucketed by the work their regions
 imply and each group (:class:`WindowGroup`) gets its own crop sizes; stages whose crops
-would cost nearly the whole map run in full. :func:`build_plan` returns the unchecked
+would cost nearly the whole map run in full; :func:`chunk_size` sizes the batches of
+windows by memory. :func:`build_plan` returns the unchecked
 :class:`OcclusionPlan`; :func:`~.executing.plan_occlusion` checks it against full forward
 passes. The method and its paper: :mod:`saliencybench.methods.incremental`.
 """
@@ -30,6 +31,8 @@ CROP_COST_LIMIT = 0.8
 # when that saves more than ``GROUP_COST`` of the work per extra group (smaller batches).
 MAX_BUCKETS = 3
 GROUP_COST = 0.003
+# Incremental batches hold up to this many times ``batch_size`` occluded images.
+MAX_CHUNK_FACTOR = 4
 # Whether timm BasicBlocks are split into their two convolutions (:func:`open_blocks`).
 OPEN_BLOCKS = True
 
@@ -346,3 +349,19 @@ def _plan(model: nn.Module, stages: list[Stage], head: Callable[[torch.Tensor], 
     note += f"; {stop}" if stop else ""
     plan.note = f"{note}; convolution work {plan.flop_ratio:.0%} of full forwards (ideal {plan.ideal_flop_ratio:.0%})"
     return plan
+
+
+def chunk_size(plan: OcclusionPlan, batch_size: int, group: WindowGroup | None = None) -> int:
+    """Occluded images per incremental batch (of ``group``; by default the largest):
+    ``batch_size`` times as many windows as fit, activation for activation, in the memory
+    of one full forward pass, at most ``MAX_CHUNK_FACTOR`` times. Small crops run faster
+    in larger batches (about 1.4x from 64 to 256 windows for resnet18 at 224 px on 2
+    busy CPU cores), and one window's activations are several times smaller than a full
+    pass's."""
+    def peak(st: Stage) -> int:
+        return math.prod(st.in_shape) + max([c.numel for c in st.convs] + [math.prod(st.out_shape)])
+
+    g = group or max(plan.groups, key=lambda g: g.n_windows)
+    full = max(peak(st) for st in plan.stages)
+    incremental = max(n if c else peak(st) for st, c, n in zip(plan.stages, g.cropped, g.crop_numel))
+    return batch_size * max(1, min(MAX_CHUNK_FACTOR, full // incremental))
