@@ -57,7 +57,8 @@ def occlusion(
     ``AUTO_MIN_PIXELS`` pixels when the model splits into local stages and the plan
     needs at most ``AUTO_MAX_FLOP_RATIO`` of the convolution work of full forward
     passes; ``False``: full forward passes; ``True``: always, raising
-    :class:`NotApplicableError` with the reason when impossible. The path taken is
+    :class:`NotApplicableError` with the reason when impossible. Either way, a failure of
+    the incremental computation falls back to full forward passes. The path taken is
     left as a note (:func:`~.base.collect_notes`; the runner puts it in the rows).
     """
     b, _, h, w = images.shape
