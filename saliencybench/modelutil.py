@@ -76,7 +76,9 @@ def fast_paths(enabled: bool) -> Iterator[None]:
     tests and ``benchmarks/zoo_coverage.py`` compare both). Explicit requests
     (``incremental=True``, :func:`channels_last`, :func:`folded_batchnorm`) still run.
     """
-    token = _FAST_PATHS.set(bool(enabled))
+    if not isinstance(enabled, bool):
+        raise InvalidInputError(f"fast_paths takes True or False, got {enabled!r}")
+    token = _FAST_PATHS.set(enabled)
     try:
         yield
     finally:

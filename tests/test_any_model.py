@@ -318,6 +318,15 @@ def test_fast_paths_switch_runs_the_plain_model_without_a_probe():
         with fast_inference(model, x) as inner:  # nested: nothing more
             assert inner(x).is_contiguous(memory_format=torch.channels_last)
     assert isinstance(model.bn1, nn.BatchNorm2d) and model.conv1[0].weight.is_contiguous()
+    from saliencybench.methods import incremental as inc
+
+    with fast_paths(False):  # occlusion's automatic choice takes full forward passes
+        _, note = inc.incremental_occlusion(seeded(FixedWidth), torch.randn(2, 3, 16, 16), torch.tensor([0, 1]),
+                                            window=4, stride=4)
+    assert note == "full forward passes: the fast paths are switched off (saliencybench.modelutil.fast_paths)"
+    with pytest.raises(sb.InvalidInputError, match="True or False"):
+        with fast_paths("off"):
+            pass
 
 
 # ---- over the zoo: every registered method and both curves, fast equals plain -----------------
