@@ -4,6 +4,11 @@ Nothing here keeps state on the model: :func:`model_guard` puts the model in eva
 mode and freezes its parameters for the duration of a call, and restores training
 flags, ``requires_grad`` and ``inplace`` flags and removes every hook on exit, also
 when an exception is raised midway.
+
+The fast inference paths (:func:`fast_inference`: channels_last weights and inputs,
+batch norms folded into convolutions) may only change the speed: each is probed
+against the plain model once per model structure and input, declines with a note
+where it raises or differs, and can be switched off (:func:`fast_paths`).
 """
 
 from __future__ import annotations
