@@ -17,26 +17,8 @@ from ..errors import InvalidInputError
 from ..modelutil import (autocast, fast_inference, resolve_batch_size, safe_forward, target_score,
                          upcast)
 from .base import add_note, batch_slices, generator, register_method
-
-
-def default_occlusion_window(height: int, width: int) -> tuple[int, int]:
-    """Default occlusion window and stride: window = round(min(H,W)/14), stride = window // 2.
-
-    (16 and 8 at 224 px, as Zeiler & Fergus' patch of about 1/14 of the image;
-    8 and 4 at 112 px.)
-    """
-    window = max(1, round(min(height, width) / 14))
-    return window, max(1, window // 2)
-
-
-def window_starts(size: int, window: int, stride: int) -> torch.Tensor:
-    """Start offsets of a window sliding over ``size`` pixels, Captum's convention.
-
-    ceil((size - window) / stride) + 1 positions at multiples of ``stride``; the
-    last window may be cut off by the border, so every pixel is covered.
-    """
-    n = math.ceil((size - window) / stride) + 1
-    return torch.arange(n) * stride
+from .incremental import incremental_occlusion
+from .windows import default_occlusion_window, window_starts
 
 
 # incremental=None: measured on 2 CPU cores, exact incremental occlusion beat full forward
@@ -76,7 +58,8 @@ def occlusion(
     ``AUTO_MIN_PIXELS`` pixels when the model splits into local stages and the plan
     needs at most ``AUTO_MAX_FLOP_RATIO`` of the convolution work of full forward
     passes; ``False``: full forward passes; ``True``: always, raising
-    :class:`NotApplicableError` with the reason when impossible. The path taken is
+    :class:`NotApplicableError` with the reason when impossible. Either way, a failure of
+    the incremental computation falls back to full forward passes. The path taken is
     left as a note (:func:`~.base.collect_notes`; the runner puts it in the rows).
 
     ``sign``: the map is signed by definition and stays so by default (``"signed"``;
@@ -98,17 +81,9 @@ def occlusion(
         add_note(f"full forward passes: incremental occlusion is tried from {AUTO_MIN_PIXELS} pixels up "
                  f"(these images have {h * w}); below, planning and crops cost more than they save")
     elif incremental is not False:
-        # Imported here: the incremental module builds on this one.
-        from .incremental import incremental_occlusion, plan_occlusion, run_occlusion_plan
-
-        kw = {"baseline": baseline, "score": score, "batch_size": batch_size}
-        if incremental:
-            with fast_inference(model, images):  # planned and run with the norms folded
-                plan = plan_occlusion(model, images, window=window, stride=stride)
-                add_note(plan.note)
-                return finish(run_occlusion_plan(plan, images, targets, **kw))
-        heat, note = incremental_occlusion(model, images, targets, window=window, stride=stride,
-                                           max_flop_ratio=AUTO_MAX_FLOP_RATIO, **kw)
+        heat, note = incremental_occlusion(model, images, targets, window=window, stride=stride, baseline=baseline,
+                                           score=score, batch_size=batch_size, strict=bool(incremental),
+                                           max_flop_ratio=None if incremental else AUTO_MAX_FLOP_RATIO)
         add_note(note)
         return finish(heat)
     dev = images.device
