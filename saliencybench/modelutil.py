@@ -25,6 +25,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import InvalidInputError, NotApplicableError, UnknownNameError
+from .notes import add_note
 
 SCORES = ("logit", "probability", "log_probability")
 
@@ -96,13 +97,7 @@ def fast_paths_enabled() -> bool:
 
 
 def _note(text: str) -> None:
-    """Leave a note for the enclosing ``collect_notes`` of :mod:`saliencybench.methods.base`.
-
-    Imported at call time: the notes live with the method contract, which builds on this
-    module (see the report's suggestion to move them below both).
-    """
-    from .methods.base import add_note
-
+    """Leave a note for the enclosing :func:`~saliencybench.notes.collect_notes`."""
     add_note(text)
 
 

@@ -8,9 +8,7 @@ each call with the input checks and :func:`~saliencybench.modelutil.model_guard`
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,53 +18,11 @@ from torch import nn
 
 from ..errors import InvalidInputError, NotApplicableError
 from ..modelutil import model_guard, num_classes
+from ..notes import add_note, collect_notes, progress_to, report_progress  # noqa: F401 (part of this module's API)
 from ..registry import Constraint, Registry, check_params, keyword_defaults
 from ..validation import check_images, check_model_inputs, check_targets
 
 MethodFn = Callable[..., torch.Tensor]
-
-_NOTES: ContextVar[list[str] | None] = ContextVar("saliencybench_method_notes", default=None)
-
-
-@contextmanager
-def collect_notes() -> Iterator[list[str]]:
-    """Collect, in the yielded list, the notes methods leave inside the block about how they
-    computed their heatmaps (occlusion: incremental or full forward passes, and why)."""
-    notes: list[str] = []
-    token = _NOTES.set(notes)
-    try:
-        yield notes
-    finally:
-        _NOTES.reset(token)
-
-
-def add_note(text: str) -> None:
-    """Leave a note for an enclosing :func:`collect_notes` (none: ignored)."""
-    notes = _NOTES.get()
-    if notes is not None and text not in notes:
-        notes.append(text)
-
-
-_PROGRESS: ContextVar[Callable[[int, int], None] | None] = ContextVar("saliencybench_progress", default=None)
-
-
-@contextmanager
-def progress_to(callback: Callable[[int, int], None]) -> Iterator[None]:
-    """Inside the block, long loops (occlusion windows, RISE masks, perturbation steps) report
-    ``callback(done, total)`` after each batch; the runner turns it into an inner progress bar."""
-    token = _PROGRESS.set(callback)
-    try:
-        yield
-    finally:
-        _PROGRESS.reset(token)
-
-
-def report_progress(done: int, total: int) -> None:
-    """Report progress of a long loop to an enclosing :func:`progress_to` (none: ignored)."""
-    callback = _PROGRESS.get()
-    if callback is not None:
-        callback(done, total)
-
 
 @dataclass(frozen=True)
 class Applicability:

@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import InvalidInputError
 from ..modelutil import (autocast, fast_inference, resolve_batch_size, safe_forward, target_score,
                          upcast)
-from .base import add_note, batch_slices, generator, register_method
+from .base import add_note, batch_slices, generator, register_method, report_progress
 from .incremental import incremental_occlusion
 from .windows import default_occlusion_window, window_starts
 
@@ -104,6 +104,7 @@ def occlusion(
         ])
         buffer = fmt(torch.empty(min(batch_size, jobs), *images.shape[1:], device=dev, dtype=images.dtype))
         for sl in batch_slices(jobs, batch_size):
+            report_progress(sl.start, jobs)
             job = torch.arange(sl.start, sl.stop, device=dev)
             img, win = job // n_win, job % n_win
             mask = row_masks[win // len(xs)][:, :, None] & col_masks[win % len(xs)][:, None, :]  # [n,H,W]
@@ -179,6 +180,7 @@ def rise(
         source = fmt(images)
         buffer = fmt(torch.empty(per_chunk * min(b, batch_size), *images.shape[1:], device=dev, dtype=images.dtype))
         for msl in batch_slices(n_masks, per_chunk):
+            report_progress(msl.start, n_masks)
             masks = rise_mask_batch(grids[msl].to(dev), shifts[msl].to(dev), h, w).to(images.dtype)  # [m,H,W]
             for isl in batch_slices(b, batch_size):
                 bi, m = images[isl].shape[0], masks.shape[0]
