@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 import difflib
 import hashlib
 import json
@@ -31,15 +32,31 @@ DEFAULT_METHODS = [
     "saliency", "guided_backprop", "integrated_gradients", "smoothgrad", "cam", "gradcam", "gradcam_pp",
     "guided_gradcam", "scorecam", "occlusion", "rise", "random", "center", "edge",
 ]
-DEFAULT_METRICS = ["deletion", "insertion", "pointing_game", "energy_pointing_game", "box_iou",
-                   "sanity_randomization"]
+DEFAULT_METRICS = [
+    "deletion", "insertion", "road_morf", "road_lerf", "average_drop",  # faithfulness
+    "pointing_game", "energy_pointing_game", "max_box_acc", "grid_pointing_game", "box_iou",  # localisation
+    "sparseness", "complexity",  # complexity
+    "random_logit", "sanity_randomization",  # randomisation (the sanity check is a verdict, not a rank term)
+]
 # Budget choices of the default run (not tied to an image size: the image-size defaults,
 # such as occlusion's window, RISE's cells and the pointing-game tolerance, come from each
 # method's and metric's own rule for the image actually used).
 DEFAULT_METHOD_PARAMS: dict[str, dict[str, Any]] = {
     "rise": {"n_masks": 300}, "smoothgrad": {"n_samples": 16}, "integrated_gradients": {"n_steps": 16},
 }
-DEFAULT_METRIC_PARAMS: dict[str, dict[str, Any]] = {"deletion": {"n_steps": 16}, "insertion": {"n_steps": 16}}
+DEFAULT_METRIC_PARAMS: dict[str, dict[str, Any]] = {
+    "deletion": {"n_steps": 16}, "insertion": {"n_steps": 16},
+    "road_morf": {"fractions": [0.1, 0.5, 0.9], "n_images": 16},
+    "road_lerf": {"fractions": [0.1, 0.5, 0.9], "n_images": 16},
+}
+# The embedded default's blocks on what the model uses (synthetic-cue, synthetic-contrast): a share of the images.
+DEFAULT_PARTS: dict[str, dict[str, Any]] = {
+    "cue": {"dataset": "synthetic-cue", "models": ["cue-resnet"], "n_images": 16,
+            "metrics": ["energy_pointing_game", "pointing_game"], "metric_params": {"pointing_game": {"tolerance": 0}}},
+    "contrast": {"dataset": "synthetic-contrast", "models": ["contrast-object-resnet", "contrast-background-resnet"],
+                 "n_images": 16, "model_dataset_params": {"contrast-background-resnet": {"label": "background"}},
+                 "pairs": [["contrast-object-resnet", "contrast-background-resnet"]], "metrics": ["model_contrast"]},
+}
 HEATMAP_DTYPES = ("float32", "float16", "uint8")
 MAX_CONFIG_BYTES = 1 << 20
 MAX_CONFIG_NODES = 100_000
@@ -48,6 +65,10 @@ MAX_CONFIG_DEPTH = 32
 
 PART_KEYS = ("dataset", "dataset_params", "models", "methods", "metrics", "n_images", "batch_size", "method_params",
              "metric_params", "checkpoints", "model_dataset_params", "pairs", "image_size", "preprocess")
+
+
+class DefaultPartsWarning(UserWarning):
+    """The embedded default's cue and contrast blocks were left out (the config names other models or data)."""
 
 
 class ConfigError(SaliencyBenchError):
@@ -112,7 +133,7 @@ class RunConfig:
     plugins: list[str] = field(default_factory=list)
     model_dataset_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     pairs: list[list[str]] = field(default_factory=list)
-    parts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    parts: dict[str, dict[str, Any]] = field(default_factory=lambda: copy.deepcopy(DEFAULT_PARTS))
     output: str = "results"
 
     def __post_init__(self) -> None:
@@ -121,6 +142,12 @@ class RunConfig:
             self.method_params = merge_params(DEFAULT_METHOD_PARAMS, self.method_params)
         if isinstance(self.metric_params, dict):
             self.metric_params = merge_params(DEFAULT_METRIC_PARAMS, self.metric_params)
+        # the cue and contrast blocks belong to the embedded default: a run of other models or data leaves them out
+        if self.parts == DEFAULT_PARTS and (self.models != DEFAULT_MODELS or self.dataset != "synthetic"):
+            self.parts = {}
+            warnings.warn("the default run's 'cue' and 'contrast' parts (what the model uses) are left out because "
+                          "the config names other models or another data set; set parts to keep them",
+                          DefaultPartsWarning, stacklevel=3)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -105,7 +105,8 @@ def compute_board(rows: pd.DataFrame, metric_params: dict | None = None, n_class
             entries[(mp.model, mp.label, method)] = MethodPool(pool, ids, mp.notes.get(method, ""))
         for method, note in mp.notes.items():
             if method not in mp.pools:  # does not apply: no data, the reason
-                entries[(mp.model, mp.label, method)] = MethodPool(Pooled(np.full(0, np.nan)), [], note)
+                stats = np.zeros((0, 1)) if mp.spec.level == "dataset" else None
+                entries[(mp.model, mp.label, method)] = MethodPool(Pooled(np.full(0, np.nan), stats), [], note)
     if entries:
         ranked = rank_methods(entries, infos, baseline=baseline, n_boot=n_boot, seed=seed)
         metrics, ranking, na, missing = ranked.metrics, ranked.ranking, ranked.not_applicable, ranked.missing
