@@ -76,7 +76,9 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def token_index(model: nn.Module, token: str) -> int:
-    """Row of the explained token: 0 for the class token, 1 for DeiT's distillation token."""
+    """Row of the explained token: 0 for the class token, 1 for DeiT's distillation token (after
+    checking that the model has attention blocks, :func:`attention_modules`)."""
+    attention_modules(model)
     if token not in TOKENS:
         raise NotApplicableError(f"unknown token {token!r}; use one of {TOKENS}")
     if getattr(model, "cls_token", None) is None:
@@ -94,7 +96,6 @@ def token_index(model: nn.Module, token: str) -> int:
 def attention_applicability(model: nn.Module) -> Applicability:
     """Attention methods apply to ViT-style models with global self-attention blocks and a class token."""
     try:
-        attention_modules(model)
         token_index(model, "cls")
     except NotApplicableError as e:
         return Applicability(False, str(e))
@@ -269,7 +270,7 @@ def transformer_attribution(
     t = token_index(model, token)
     out = []
     for sl in batch_slices(images.shape[0], batch_size):
-        with torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():
             x = images[sl].detach().clone().requires_grad_(True)
             attns, logits = capture_attention(model, x)
             grads = torch.autograd.grad(target_score(logits, targets[sl], score).sum(), attns)
