@@ -4,10 +4,11 @@ CAM methods weight the K channels of a spatial map. CNN layers give NCHW maps; t
 layers give other layouts, and this module tells which from the model and the actual input,
 never from a hard-coded size:
 
-- tokens [B,N,C] (ViT, DeiT, BEiT, EVA): the first ``num_prefix_tokens`` tokens (class,
-  distillation, registers) are dropped and the rest reshaped to the patch grid, which the
-  patch embedding computes for the input size (``patch_embed.dynamic_feat_size``: any size
-  the model accepts, ``img_size=``, ``dynamic_img_size``, ``dynamic_img_pad``). Token
+- tokens [B,N,C] (ViT, DeiT; timm models with ``num_prefix_tokens``): the first
+  ``num_prefix_tokens`` tokens (class, distillation, registers) are dropped and the rest
+  reshaped to the patch grid, which the patch embedding computes for the input size
+  (``patch_embed.dynamic_feat_size``: any size the model accepts, ``img_size=``,
+  ``dynamic_img_size``, ``dynamic_img_pad``, a convolutional stem's ``HybridEmbed``). Token
   tensors without prefix tokens whose count is not the patch grid (Swin's flattened tokens
   inside a block) get the grid of the stride that gives that count at this input size.
 - 4-D maps: NCHW or NHWC. The producing module decides when its type does (convolutions,
@@ -16,32 +17,37 @@ never from a hard-coded size:
   at this input size, ceil or floor (``ceil(H/s), ceil(W/s)``); when both or neither fit,
   the model's ``output_fmt`` (timm sets ``"NHWC"`` on Swin), else NCHW, torch's convention.
 
-Default layer (``layer=None``) per family, chosen by structure:
+Default layer (``layer=None``) per family, told by structure, not by class name:
 
-=====================  ===========================================  ==========================================
-family (detected by)   default CAM layer                            why
-=====================  ===========================================  ==========================================
-CNN (anything else)    ``forward_features`` output, NCHW            the last feature map, as before
-ViT, DeiT, registers   output of ``blocks[-1].norm1`` (tokens)      see below; pytorch-grad-cam's examples
-(``num_prefix_tokens``                                              hook the same module
-and ``blocks[-1].norm1``)
-Swin (``output_fmt``   ``forward_features`` output, NHWC            the head averages it and applies one
-``"NHWC"``)                                                         linear layer: the CNN situation exactly
-                                                                    (CAM applies); every position gets a
-                                                                    gradient
-ConvNeXt               ``forward_features`` output, NCHW            last stage's map; the head's LayerNorm
-                                                                    comes after pooling
-MaxViT, CoAtNet        ``forward_features`` output, NCHW            their stages end in NCHW maps
-=====================  ===========================================  ==========================================
+  family                 detected by                                default CAM layer
+  ---------------------  -----------------------------------------  ------------------------------------
+  ViT, DeiT, registers   ``num_prefix_tokens`` and ``blocks[-1]``   output of ``blocks[-1].norm1``
+                         with a ``norm1``                           (tokens, prefix tokens dropped)
+  Swin                   (none of the above)                        ``forward_features`` output (NHWC)
+  ConvNeXt               (none of the above)                        ``forward_features`` output (NCHW)
+  MaxViT, CoAtNet        (none of the above)                        ``forward_features`` output (NCHW)
+  CNNs                   (none of the above)                        ``forward_features`` output (NCHW)
 
-Why not a ViT's last block output (``forward_features``): with a class-token head
-(``global_pool="token"``) the logits read only token 0 after the final LayerNorm, which
-acts on each token alone, so dS/d(patch tokens) of the last block's output is exactly
-zero and Grad-CAM there is an all-zero map (``tests/test_transformers.py`` checks both:
-exact zeros there, non-zero gradients at ``blocks[-1].norm1``). The normalised input of
-the last block's attention is the last place where patch tokens still reach the class
-token, through that attention. Its output is what a forward hook on ``norm1`` captures;
-the un-normalised input of ``norm1`` (the output of ``blocks[-2]``) is a different tensor.
+Why:
+
+- ViT, DeiT: with a class-token head (``global_pool="token"``) the logits read only token 0
+  of the last block's output, after the final LayerNorm, which acts on each token alone, so
+  dS/d(patch tokens) there is exactly zero and Grad-CAM at ``forward_features`` (or at
+  ``blocks[-1]``) is an all-zero map; DeiT's two heads read tokens 0 and 1 only, the same.
+  ``tests/test_transformers.py`` checks it: exact zeros there, no zero at
+  ``blocks[-1].norm1``. The normalised input of the last block's attention is the last
+  tensor whose patch tokens still reach the class token (through that attention). It is
+  what pytorch-grad-cam's ViT/DeiT examples hook (a forward hook on ``norm1`` sees its
+  output; the un-normalised input of ``norm1``, the output of ``blocks[-2]``, is a different
+  tensor: pass ``layer="blocks.<L-2>"`` for it).
+- Swin: the final LayerNorm's NHWC map, which the head averages and feeds to one linear
+  layer: the CNN situation exactly (CAM applies, every position gets a gradient).
+  pytorch-grad-cam's Swin example hooks the last block's ``norm2`` (the input of its MLP,
+  flattened tokens here): ``layer="layers.3.blocks.<last>.norm2"`` gives that.
+- ConvNeXt: the last stage's map; its head pools first, then normalises.
+- MaxViT, CoAtNet: their stages end in NCHW maps (``*_rw`` variants normalise them inside
+  ``forward_features``).
+- CNNs: the last feature map, as before.
 """
 
 from __future__ import annotations
