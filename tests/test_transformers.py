@@ -264,16 +264,18 @@ def test_sign_option(resnet, vit):
         sb.explain(resnet, make_images(1, 32), 0, "gradcam", sign="negative")
 
 
-def test_shared_pass_serves_the_cam_family_on_a_vit(vit, monkeypatch):
-    x = x_for(vit)
+def test_shared_pass_serves_the_cam_family_on_a_vit_and_a_cnn(vit, resnet, monkeypatch):
     calls = []
     real = shared.gradient_pass
     monkeypatch.setattr(shared, "gradient_pass", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
     names = ["gradcam", "gradcam_pp", "xgradcam", "layercam", "saliency"]
-    many = sb.explain_many(vit, x, T2, names)
-    assert len(calls) == 1
-    for name in names:
-        close(many[name], sb.explain(vit, x, T2, name), 1e-10)
+    for model, x in ((vit, x_for(vit)), (resnet, make_images(2, 64))):
+        calls.clear()
+        many = sb.explain_many(model, x, T2, names + (["cam"] if model is resnet else []))
+        assert len(calls) == 1
+        for name in many:
+            close(many[name], sb.explain(model, x, T2, name), 1e-10)
+    x = x_for(vit)
     with pytest.raises(NotApplicableError, match="class token"):
         sb.explain_many(vit, x, T2, ["gradcam", "cam"])
 

@@ -49,7 +49,8 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or not len(blocks) \
             or not any(isinstance(getattr(blk, "attn", None), nn.Module) for blk in blocks):
-        kinds = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "fused_attn")})
+        kinds = sorted({type(m).__name__ for m in model.modules()
+                        if hasattr(m, "fused_attn") or type(m).__name__.endswith(("Attention", "Attn"))})
         if kinds:
             how = ("windowed: each attention matrix covers one local window" if any("Window" in k for k in kinds)
                    else "inside the stages of a hierarchical model")
@@ -185,26 +186,28 @@ def rollout_row(attns: list[torch.Tensor], token: int, head_fusion: str = "mean"
                 discard_ratio: float = 0.0) -> torch.Tensor:
     """Row ``token`` of the rollout A~ = A'_L ... A'_1, A'_l = rownorm((fuse(A_l) + I) / 2): Tensor[B,N].
 
-    Computed as e_t^T A'_L ... A'_1 from the left (vector-matrix products), equal to the full product's row.
+    Computed from the left as e_t^T A'_L ... A'_1 without forming A'_l: with F = fuse(A_l)
+    and s_j its row sums, A'_jk = (F_jk + [j == k]) / (s_j + 1), so r A' = (r / (s + 1)) F + r / (s + 1).
     """
     b, n = attns[0].shape[0], attns[0].shape[-1]
-    eye = torch.eye(n, dtype=attns[0].dtype, device=attns[0].device)
-    row = eye[token].expand(b, 1, n)
+    row = torch.zeros(b, n, dtype=attns[0].dtype, device=attns[0].device)
+    row[:, token] = 1
     for attn in reversed(attns):
         fused = discard_lowest(fuse_heads(attn, head_fusion), discard_ratio, token)
-        a = (fused + eye) / 2
-        row = row @ (a / a.sum(-1, keepdim=True))
-    return row[:, 0]
+        scaled = row / (fused.sum(-1) + 1)
+        row = torch.bmm(scaled[:, None], fused)[:, 0] + scaled
+    return row
 
 
 def relevance_row(attns: list[torch.Tensor], grads: list[torch.Tensor], token: int) -> torch.Tensor:
     """Row ``token`` of R = prod_l (I + Abar_l), Abar_l = E_h[(dS/dA_l * A_l)^+], i.e. of the
-    update R <- R + Abar_l R from R = I over l = 1..L: Tensor[B,N] (vector-matrix products)."""
+    update R <- R + Abar_l R from R = I over l = 1..L: Tensor[B,N] (vector-matrix products from the left)."""
     b, n = attns[0].shape[0], attns[0].shape[-1]
-    row = torch.eye(n, dtype=attns[0].dtype, device=attns[0].device)[token].expand(b, 1, n)
+    row = torch.zeros(b, n, dtype=attns[0].dtype, device=attns[0].device)
+    row[:, token] = 1
     for attn, grad in zip(reversed(attns), reversed(grads)):
-        row = row + row @ (grad * attn).clamp(min=0).mean(1)
-    return row[:, 0]
+        row = row + torch.bmm(row[:, None], (grad * attn).clamp(min=0).mean(1))[:, 0]
+    return row
 
 
 _COMMON = {"token": TOKENS, "batch_size": ">=1"}
