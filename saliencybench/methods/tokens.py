@@ -148,7 +148,8 @@ def token_layout(model: nn.Module, layer: str, module: nn.Module | None, shape: 
         if hint is not None:
             kind, why = hint, f"{type(module).__name__} output"
         elif nchw != nhwc:
-            kind, why = ("nchw" if nchw else "nhwc"), f"only this reading is a stride grid of the {size[0]}x{size[1]} input"
+            kind = "nchw" if nchw else "nhwc"
+            why = f"only this reading is a stride grid of the {size[0]}x{size[1]} input"
         else:
             kind = "nhwc" if getattr(model, "output_fmt", None) == "NHWC" else "nchw"
             why = f"the model's output_fmt {kind.upper()}" if kind == "nhwc" else "torch's NCHW convention"
