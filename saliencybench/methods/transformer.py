@@ -190,24 +190,24 @@ def rollout_row(attns: list[torch.Tensor], token: int, head_fusion: str = "mean"
     and s_j its row sums, A'_jk = (F_jk + [j == k]) / (s_j + 1), so r A' = (r / (s + 1)) F + r / (s + 1).
     """
     b, n = attns[0].shape[0], attns[0].shape[-1]
-    row = torch.zeros(b, n, dtype=attns[0].dtype, device=attns[0].device)
-    row[:, token] = 1
+    row = torch.zeros(b, 1, n, dtype=attns[0].dtype, device=attns[0].device)
+    row[:, 0, token] = 1
     for attn in reversed(attns):
         fused = discard_lowest(fuse_heads(attn, head_fusion), discard_ratio, token)
-        scaled = row / (fused.sum(-1) + 1)
-        row = torch.bmm(scaled[:, None], fused)[:, 0] + scaled
-    return row
+        scaled = row / fused.sum(-1).add_(1)[:, None]
+        row = torch.baddbmm(scaled, scaled, fused)
+    return row[:, 0]
 
 
 def relevance_row(attns: list[torch.Tensor], grads: list[torch.Tensor], token: int) -> torch.Tensor:
     """Row ``token`` of R = prod_l (I + Abar_l), Abar_l = E_h[(dS/dA_l * A_l)^+], i.e. of the
     update R <- R + Abar_l R from R = I over l = 1..L: Tensor[B,N] (vector-matrix products from the left)."""
     b, n = attns[0].shape[0], attns[0].shape[-1]
-    row = torch.zeros(b, n, dtype=attns[0].dtype, device=attns[0].device)
-    row[:, token] = 1
+    row = torch.zeros(b, 1, n, dtype=attns[0].dtype, device=attns[0].device)
+    row[:, 0, token] = 1
     for attn, grad in zip(reversed(attns), reversed(grads)):
-        row = row + torch.bmm(row[:, None], (grad * attn).clamp(min=0).mean(1))[:, 0]
-    return row
+        row = torch.baddbmm(row, row, (grad * attn).clamp_(min=0).mean(1))
+    return row[:, 0]
 
 
 _COMMON = {"token": TOKENS, "batch_size": ">=1"}
