@@ -63,7 +63,6 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
             f"{name} has no attention: attention methods need a ViT-style model with self-attention blocks "
             "(model.blocks[i].attn: ViT, DeiT, ViT with registers). Use gradcam instead"
         )
-    names = {id(m): n for n, m in model.named_modules()}
     found = []
     for i, blk in enumerate(blocks):
         attn = getattr(blk, "attn", None)
@@ -72,7 +71,7 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
                 f"{name}'s block {i} ({type(blk).__name__}) has no attention module with an attn_drop layer, so its "
                 "attention probabilities cannot be captured"
             )
-        found.append((names[id(attn)], attn))
+        found.append((f"blocks.{i}.attn", attn))
     return found
 
 
@@ -158,10 +157,17 @@ def _patch_row(model: nn.Module, row: torch.Tensor, size: tuple[int, int]) -> to
     return upsample(row[:, p:].reshape(-1, *grid), size)
 
 
+def head_mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean over heads of Tensor[B,heads,N,M]: Tensor[B,N,M]. As a batched product with weights
+    1/heads: several times faster on CPU than ``x.mean(1)``, a strided reduction (same values to rounding)."""
+    b, h, n, m = x.shape
+    return torch.bmm(x.new_full((b, 1, h), 1.0 / h), x.reshape(b, h, n * m)).view(b, n, m)
+
+
 def fuse_heads(attn: torch.Tensor, head_fusion: str = "mean") -> torch.Tensor:
     """Attention [B,heads,N,N] fused over heads by mean, max or min: Tensor[B,N,N]."""
     if head_fusion == "mean":
-        return attn.mean(1)
+        return head_mean(attn)
     if head_fusion == "max":
         return attn.amax(1)
     if head_fusion == "min":
@@ -188,11 +194,17 @@ def rollout_row(attns: list[torch.Tensor], token: int, head_fusion: str = "mean"
 
     Computed from the left as e_t^T A'_L ... A'_1 without forming A'_l: with F = fuse(A_l)
     and s_j its row sums, A'_jk = (F_jk + [j == k]) / (s_j + 1), so r A' = (r / (s + 1)) F + r / (s + 1).
+    Mean fusion without discarding averages softmax rows, which sum to 1, so there s = 1 and
+    r A' = (r F + r) / 2 (two operations a layer instead of five; equal to float rounding).
     """
     b, n = attns[0].shape[0], attns[0].shape[-1]
     row = torch.zeros(b, 1, n, dtype=attns[0].dtype, device=attns[0].device)
     row[:, 0, token] = 1
+    stochastic = head_fusion == "mean" and int(n * n * discard_ratio) == 0
     for attn in reversed(attns):
+        if stochastic:
+            row = torch.baddbmm(row, row, head_mean(attn), beta=0.5, alpha=0.5)
+            continue
         fused = discard_lowest(fuse_heads(attn, head_fusion), discard_ratio, token)
         scaled = row / fused.sum(-1).add_(1)[:, None]
         row = torch.baddbmm(scaled, scaled, fused)
@@ -206,7 +218,7 @@ def relevance_row(attns: list[torch.Tensor], grads: list[torch.Tensor], token: i
     row = torch.zeros(b, 1, n, dtype=attns[0].dtype, device=attns[0].device)
     row[:, 0, token] = 1
     for attn, grad in zip(reversed(attns), reversed(grads)):
-        row = torch.baddbmm(row, row, (grad * attn).clamp_(min=0).mean(1))
+        row = torch.baddbmm(row, row, head_mean((grad * attn).clamp_(min=0)))
     return row[:, 0]
 
 
@@ -303,10 +315,10 @@ def raw_attention(
     out = []
     for sl in batch_slices(images.shape[0], batch_size):
         attns, _ = capture_attention(model, images[sl])
-        out.append(_patch_row(model, attns[-1].mean(1)[:, t], images.shape[-2:]))
+        out.append(_patch_row(model, attns[-1][:, :, t].mean(1), images.shape[-2:]))
     return torch.cat(out)
 
 
 __all__ = ["attention_capture", "attention_modules", "attention_applicability", "capture_attention",
-           "discard_lowest", "fuse_heads", "relevance_row", "rollout_row", "attention_rollout",
+           "discard_lowest", "fuse_heads", "head_mean", "relevance_row", "rollout_row", "attention_rollout",
            "transformer_attribution", "raw_attention"]
