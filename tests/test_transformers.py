@@ -183,7 +183,7 @@ def test_gradcam_on_vit_deit_registers_equals_pytorch_grad_cam(name, request):
     close(ours, ref)
     assert ours.shape == (2, 3, 4) and ours.max() > 0
     p = model.num_prefix_tokens
-    assert any(f"{p} prefix token" in n and "[2,192,3,4]" in n for n in notes), notes
+    assert any(f"{p} prefix token" in n and f"tokens [B,{p + 12},192] read as map [B,192,3,4]" in n for n in notes), notes
     assert sb.explain(model, x, T2, "gradcam").shape == (2, 48, 64)
 
 
@@ -275,7 +275,15 @@ def test_shared_pass_serves_the_cam_family_on_a_vit_and_a_cnn(vit, resnet, monke
         assert len(calls) == 1
         for name in many:
             close(many[name], sb.explain(model, x, T2, name), 1e-10)
+    # every method that derives from the one pass repeats the note of how the layer was read
     x = x_for(vit)
+    sp = shared.SharedPasses(vit, x, T2, shared.pass_requests({n: {} for n in names[:4]}))
+    for name in names[:4]:
+        with collect_notes() as notes:
+            sb.explain(vit, x, T2, name, shared=sp)
+        assert notes == ["layer blocks.2.norm1: tokens [B,13,192] read as map [B,192,3,4] (patch grid 3x4 of "
+                         "patch_embed at 48x64, 1 prefix token dropped)"], (name, notes)
+    assert sp.passes_computed == 1
     with pytest.raises(NotApplicableError, match="class token"):
         sb.explain_many(vit, x, T2, ["gradcam", "cam"])
 

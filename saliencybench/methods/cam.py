@@ -32,7 +32,7 @@ from ..modelutil import (FEATURES, SCORES, GuardState, autocast, fast_inference,
 from .base import Applicability, batch_slices, reduce_channels, register_method, upsample
 from .gradient import guided_applicability, guided_gradients
 from .shared import GradientPass, PassNeeds, derives_from_pass
-from .tokens import probe_size
+from .tokens import probe_size, repeat_layer_note
 
 CAM_SIGNS = ("positive", "signed", "abs")
 
@@ -178,6 +178,7 @@ def _cam_from_pass(gp: GradientPass, model: nn.Module, images: torch.Tensor, tar
                    p: dict) -> torch.Tensor:
     if resolve_layer(model, None) != FEATURES:  # the pass captured another default layer (ViT): compute alone
         return cam(model, images, targets, sign=p["sign"])
+    repeat_layer_note(model, None, images.shape[-2:])
     return upsample(apply_sign(cam_from_activations(model, gp.acts, gp.logits, targets), p["sign"]),
                     images.shape[-2:])
 
@@ -215,6 +216,7 @@ def derive_gradient_cam(method: str, from_gradients: Callable[[torch.Tensor, tor
     @derives_from_pass(method, _layer_needs)
     def _from_pass(gp: GradientPass, model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
                    p: dict) -> torch.Tensor:
+        repeat_layer_note(model, p["layer"], images.shape[-2:])
         return upsample(from_gradients(gp.acts, gp.layer_grads, p["sign"]), images.shape[-2:])
 
 
@@ -364,6 +366,7 @@ def guided_gradcam(
 @derives_from_pass("guided_gradcam", _layer_needs)
 def _guided_gradcam_from_pass(gp: GradientPass, model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
                               p: dict) -> torch.Tensor:
+    repeat_layer_note(model, p["layer"], images.shape[-2:])
     gb = guided_gradients(model, images, targets, p["score"], p["batch_size"])
     cam_up = upsample(gradcam_from_gradients(gp.acts, gp.layer_grads), images.shape[-2:])
     return reduce_channels(gb * cam_up[:, None], p["reduce"])

@@ -53,6 +53,7 @@ Why:
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -60,7 +61,7 @@ import torch
 from torch import nn
 
 from ..errors import NotApplicableError
-from ..modelutil import FEATURES, LayerMap, LayerMaps, use_layer_maps
+from ..modelutil import FEATURES, LayerMap, LayerMaps, resolve_layer, use_layer_maps
 from .base import add_note
 
 # Module types whose 4-D outputs are NCHW / NHWC by construction.
@@ -116,11 +117,11 @@ class TokenLayout:
     reason: str = ""
 
     def describe(self, layer: str, shape: tuple[int, ...]) -> str:
-        """One line for a row note: the layer, its output shape, the map shape and why."""
-        b, k, (h, w) = shape[0], (shape[-1] if self.kind == "nhwc" or
-                                  (self.kind == "tokens" and self.token_axis == 1) else shape[1]), self.grid
+        """One line for a row note: the layer, its output shape, the map shape and why (batch as B)."""
+        k = shape[-1] if self.kind == "nhwc" or (self.kind == "tokens" and self.token_axis == 1) else shape[1]
         what = {"nhwc": "NHWC map", "tokens": "tokens", "nchw": "NCHW map"}[self.kind]
-        return f"layer {layer}: {what} {list(shape)} read as map [{b},{k},{h},{w}] ({self.reason})"
+        dims = ",".join(str(d) for d in shape[1:])
+        return f"layer {layer}: {what} [B,{dims}] read as map [B,{k},{self.grid[0]},{self.grid[1]}] ({self.reason})"
 
 
 def _module_hint(module: nn.Module | None) -> str | None:
@@ -237,6 +238,21 @@ def probe_size(model: nn.Module, cap: int = 128) -> tuple[int, int]:
     return min(size, cap), min(size, cap)
 
 
+# model -> {(layer, input size): note} of the maps read so far, so that methods that derive their
+# heatmap from a shared pass (which read the layer once, for the first method) repeat the note.
+_READ_NOTES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, tuple[int, int]], str]] = \
+    weakref.WeakKeyDictionary()
+
+
+def repeat_layer_note(model: nn.Module, layer: str | None, size: tuple[int, int]) -> None:
+    """Leave again the note of how ``layer`` (None: the default) was read at input ``size`` (H, W),
+    if it was read as something other than an NCHW map."""
+    key = (resolve_layer(model, layer), (int(size[0]), int(size[1])))
+    note = _READ_NOTES.get(model, {}).get(key)
+    if note:
+        add_note(note)
+
+
 def _layer_map(model: nn.Module, layer: str, module: nn.Module | None, out: object,
                size: tuple[int, int]) -> LayerMap:
     if not isinstance(out, torch.Tensor):
@@ -245,6 +261,7 @@ def _layer_map(model: nn.Module, layer: str, module: nn.Module | None, out: obje
     note = "" if layout.kind == "nchw" else layout.describe(layer, tuple(out.shape))
     if note:
         add_note(note)
+        _READ_NOTES.setdefault(model, {})[(layer, (int(size[0]), int(size[1])))] = note
     return LayerMap(lambda raw: to_feature_map(raw, layout),
                     lambda a, raw, detach: from_feature_map(a, raw, layout, detach), note)
 
@@ -252,4 +269,4 @@ def _layer_map(model: nn.Module, layer: str, module: nn.Module | None, out: obje
 use_layer_maps(LayerMaps(default_layer=default_layer, layer_map=_layer_map))
 
 __all__ = ["TokenLayout", "default_layer", "feature_map", "from_feature_map", "grid_for_tokens", "patch_grid",
-           "prefix_tokens", "probe_size", "stride_grids", "to_feature_map", "token_layout"]
+           "prefix_tokens", "probe_size", "repeat_layer_note", "stride_grids", "to_feature_map", "token_layout"]

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..errors import NotApplicableError
 from ..modelutil import SCORES, target_score
-from .base import Applicability, batch_slices, register_method, upsample
+from .base import Applicability, add_note, batch_slices, register_method, upsample
 from .tokens import patch_grid, prefix_tokens
 
 TOKENS = ("cls", "dist")
@@ -146,7 +146,7 @@ def capture_attention(model: nn.Module, x: torch.Tensor) -> tuple[list[torch.Ten
     return list(attns), logits
 
 
-def _patch_row(model: nn.Module, row: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def _patch_row(model: nn.Module, row: torch.Tensor, size: tuple[int, int], token: str) -> torch.Tensor:
     """Row Tensor[B,N] over all tokens -> its patch-token part as a map Tensor[B,H,W] (upsampled)."""
     p, grid = prefix_tokens(model), patch_grid(model, size)
     if grid is None or row.shape[1] != p + grid[0] * grid[1]:
@@ -154,6 +154,8 @@ def _patch_row(model: nn.Module, row: torch.Tensor, size: tuple[int, int]) -> to
             f"{type(model).__name__}: {row.shape[1]} tokens are not {p} prefix tokens plus the patch grid {grid} of "
             f"a {size[0]}x{size[1]} input"
         )
+    add_note(f"{token} token's row over {row.shape[1]} tokens; {p} prefix token{'s' if p != 1 else ''} dropped, "
+             f"patch grid {grid[0]}x{grid[1]} at {size[0]}x{size[1]}")
     return upsample(row[:, p:].reshape(-1, *grid), size)
 
 
@@ -253,7 +255,7 @@ def attention_rollout(
     out = []
     for sl in batch_slices(images.shape[0], batch_size):
         attns, _ = capture_attention(model, images[sl])
-        out.append(_patch_row(model, rollout_row(attns, t, head_fusion, discard_ratio), images.shape[-2:]))
+        out.append(_patch_row(model, rollout_row(attns, t, head_fusion, discard_ratio), images.shape[-2:], token))
     return torch.cat(out)
 
 
@@ -290,7 +292,7 @@ def transformer_attribution(
             attns, logits = capture_attention(model, x)
             grads = torch.autograd.grad(target_score(logits, targets[sl], score).sum(), attns)
         row = relevance_row([a.detach() for a in attns], [g.detach() for g in grads], t)
-        out.append(_patch_row(model, row, images.shape[-2:]))
+        out.append(_patch_row(model, row, images.shape[-2:], token))
     return torch.cat(out)
 
 
@@ -315,7 +317,7 @@ def raw_attention(
     out = []
     for sl in batch_slices(images.shape[0], batch_size):
         attns, _ = capture_attention(model, images[sl])
-        out.append(_patch_row(model, attns[-1][:, :, t].mean(1), images.shape[-2:]))
+        out.append(_patch_row(model, attns[-1][:, :, t].mean(1), images.shape[-2:], token))
     return torch.cat(out)
 
 
