@@ -18,9 +18,14 @@ FAST = {"rise": {"n_masks": 16}, "smoothgrad": {"n_samples": 3}, "smoothgrad_sq"
 
 @pytest.mark.parametrize("method", sb.list_methods())
 def test_every_method_shape_dtype_model_untouched(method):
-    model = make_model("resnet10t", dtype=torch.float32)
+    if sb.get_method(method).family == "attention":  # ViT-only methods: a tiny ViT (3x3 patch grid at 48 px)
+        model = make_model("vit_tiny_patch16_224", img_size=48, depth=2, dtype=torch.float32)
+        frozen = model.blocks[0]
+    else:
+        model = make_model("resnet10t", dtype=torch.float32)
+        frozen = model.layer1
     model.train()  # a model handed over in training mode must come back in training mode
-    model.layer1.requires_grad_(False)  # and with its own requires_grad flags
+    frozen.requires_grad_(False)  # and with its own requires_grad flags
     before = snapshot(model)
     x = make_images(3, 48, dtype=torch.float32)
     heat = sb.explain(model, x, torch.tensor([0, 1, 9]), method, **FAST.get(method, {}))
@@ -132,7 +137,8 @@ def test_bad_heatmaps_and_masks():
 def test_registries_declare_papers_params_and_direction():
     for name in sb.list_methods():
         spec = sb.get_method(name)
-        assert spec.paper and spec.summary and spec.family in {"gradient", "cam", "perturbation", "baseline"}
+        assert spec.paper and spec.summary and spec.family in {"gradient", "cam", "perturbation", "baseline",
+                                                                "attention"}
     assert sb.get_method("integrated_gradients").params["n_steps"] == 50
     assert sb.get_method("smoothgrad").params["noise_level"] == 0.15
     assert sb.get_method("smoothgrad").params["n_samples"] == 50

@@ -97,9 +97,13 @@ def test_default_architectures_fit_the_benchmark():
     from timm.models.efficientnet import EfficientNet
     from timm.models.resnet import ResNet
     from timm.models.vgg import VGG
+    from timm.models.vision_transformer import VisionTransformer
+
+    from saliencybench.methods.tokens import feature_map
 
     x = torch.rand(2, 3, 64, 64)
-    families = {"synthetic-resnet": ResNet, "synthetic-mobilenetv2": EfficientNet, "synthetic-vgg": VGG}
+    families = {"synthetic-resnet": ResNet, "synthetic-mobilenetv2": EfficientNet, "synthetic-vgg": VGG,
+                "synthetic-vit": VisionTransformer}
     assert set(DEFAULT_ARCHS) == set(families) == set(DEFAULT_RECIPES)
     for name, build in DEFAULT_ARCHS.items():
         torch.manual_seed(0)
@@ -107,10 +111,13 @@ def test_default_architectures_fit_the_benchmark():
         assert isinstance(model, families[name]) and DEFAULT_RECIPES[name].arch == name
         with torch.no_grad():
             feats, logits = model.forward_features(x), model(x)
+        if name == "synthetic-vit":  # class token + 8x8 patch tokens, read as a map [2,96,8,8]
+            assert feats.shape == (2, 1 + 8 * 8, 96)
+            feats, _ = feature_map(model, feats, (64, 64))
         assert feats.shape[0] == 2 and feats.shape[1] <= 192 and min(feats.shape[-2:]) >= 7
         assert logits.shape == (2, len(SHAPES))
         assert sum(p.numel() for p in model.parameters()) < 2_000_000
-        if name == "synthetic-vgg":
+        if name in ("synthetic-vgg", "synthetic-vit"):
             with pytest.raises(NotApplicableError):
                 gap_linear_head(model, feats, logits)
         else:

@@ -1,10 +1,12 @@
 """Explanation methods. Each module registers its methods with ``@register_method``."""
 
-from . import baselines, cam, gradient, noise, perturbation, shared
+from . import tokens  # noqa: I001 (first: installs the token-to-map geometry that layer capture uses)
+from . import applicability, baselines, cam, cam_variants, gradient, noise, perturbation, shared, transformer
 from .base import Applicability, MethodSpec, explain, get_method, list_methods, register_method
 from .shared import SharedPasses, explain_many
 
 __all__ = [
-    "Applicability", "MethodSpec", "explain", "get_method", "list_methods", "register_method",
-    "baselines", "cam", "gradient", "noise", "perturbation", "shared", "SharedPasses", "explain_many",
+    "Applicability", "MethodSpec", "explain", "get_method", "list_methods", "register_method", "applicability",
+    "baselines", "cam", "cam_variants", "gradient", "noise", "perturbation", "shared", "tokens", "transformer",
+    "SharedPasses", "explain_many",
 ]
