@@ -114,7 +114,8 @@ def curve_forwards(params: dict[str, Any], size: tuple[int, int]) -> int:
     return len(curve_points(h * w, params.get("step"), params.get("n_steps"), w))
 
 
-for _name in ("saliency", "guided_backprop", "input_x_gradient", "deconvnet", "gradcam", "gradcam_pp"):
+for _name in ("saliency", "guided_backprop", "input_x_gradient", "deconvnet", "gradcam", "gradcam_pp", "xgradcam",
+              "layercam", "transformer_attribution"):
     declare_method_cost(_name, lambda p, s, m: (1, 1))
 for _name in ("smoothgrad", "smoothgrad_sq", "vargrad"):
     declare_method_cost(_name, lambda p, s, m: (p["n_samples"], p["n_samples"]))
@@ -122,6 +123,8 @@ for _name in ("random", "center", "edge"):
     declare_method_cost(_name, lambda p, s, m: (0, 0))
 declare_method_cost("guided_gradcam", lambda p, s, m: (2, 2))
 declare_method_cost("cam", lambda p, s, m: (1, 0))
+for _name in ("attention_rollout", "raw_attention"):
+    declare_method_cost(_name, lambda p, s, m: (1, 0))
 declare_method_cost("integrated_gradients", lambda p, s, m: (p["n_steps"], p["n_steps"]))
 declare_method_cost("occlusion", lambda p, s, m: (occlusion_windows(p, s) + 1, 0))
 declare_method_cost("rise", lambda p, s, m: (p["n_masks"], 0))

@@ -270,7 +270,13 @@ def test_plan_method_counts_equal_counted_passes(checkpoint):
     t = torch.tensor([1, 4])
     builtin = [m for m in list_methods() if get_method(m).fn.__module__.startswith("saliencybench.") and ":" not in m]
     assert set(builtin) <= set(METHOD_COSTS), "every built-in method declares its cost"
+    import timm
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2, num_classes=6).eval()
+    cnn = model
     for name in builtin:
+        model = vit if get_method(name).family == "attention" else cnn  # attention methods need a ViT
         params = get_method(name).resolve_params(PLAN_METHOD_PARAMS.get(name, {}), (64, 64))
         explain(model, x, t, name, **params)  # warm-up: one-time probes (norm folding) are not the method's
         with counted(model) as n:
@@ -278,6 +284,7 @@ def test_plan_method_counts_equal_counted_passes(checkpoint):
         (f, b), how = method_passes(name, params, (64, 64), model)
         assert (n["fwd"], n["bwd"]) == (2 * f, 2 * b), name
         assert how == "declared"
+    model = cnn
     # hand-computed: a 16 px window with stride 16 has 4 x 4 positions on 64 px, plus the clean pass
     assert method_passes("occlusion", PLAN_METHOD_PARAMS["occlusion"], (64, 64), model)[0] == (17, 0)
     assert method_passes("scorecam", {"layer": None}, (64, 64), model)[0] == (1 + model.num_features, 0)
