@@ -100,7 +100,7 @@ def occlusion_windows(params: dict[str, Any], size: tuple[int, int]) -> int:
     from .methods.perturbation import default_occlusion_window, window_starts
 
     h, w = size
-    dw, ds = default_occlusion_window(h, w)
+    dw, ds = default_occlusion_window(h, w, params.get("windows_per_side", 14.0))
     window = params.get("window") or dw
     stride = params.get("stride") or ds
     return len(window_starts(h, window, stride)) * len(window_starts(w, window, stride))

@@ -27,7 +27,9 @@ import yaml
 from ..errors import SaliencyBenchError
 from .preprocess import PREPROCESSING
 
-DEFAULT_MODELS = ["synthetic-resnet", "synthetic-mobilenetv2", "synthetic-vgg"]
+# A CNN with a GAP + linear head, a MobileNetV2-style CNN, and a ViT (the VGG, whose conv-MLP head CAM does not
+# fit, is one flag away: it was traded for the ViT to keep the default run within its 5 minutes).
+DEFAULT_MODELS = ["synthetic-resnet", "synthetic-mobilenetv2", "synthetic-vit"]
 DEFAULT_METHODS = [
     "saliency", "guided_backprop", "integrated_gradients", "smoothgrad", "cam", "gradcam", "gradcam_pp",
     "guided_gradcam", "scorecam", "occlusion", "rise", "random", "center", "edge",
@@ -43,19 +45,23 @@ DEFAULT_METRICS = [
 # method's and metric's own rule for the image actually used).
 DEFAULT_METHOD_PARAMS: dict[str, dict[str, Any]] = {
     "rise": {"n_masks": 300}, "smoothgrad": {"n_samples": 16}, "integrated_gradients": {"n_steps": 16},
+    "occlusion": {"windows_per_side": 8},  # 15 x 15 window positions at any image size (paper-like 14: 27 x 27)
 }
 DEFAULT_METRIC_PARAMS: dict[str, dict[str, Any]] = {
     "deletion": {"n_steps": 16}, "insertion": {"n_steps": 16},
     "road_morf": {"fractions": [0.1, 0.5, 0.9], "n_images": 16},
     "road_lerf": {"fractions": [0.1, 0.5, 0.9], "n_images": 16},
+    "random_logit": {"n_images": 16}, "grid_pointing_game": {"n_images": 16},
 }
 # The embedded default's blocks on what the model uses (synthetic-cue, synthetic-contrast): a share of the images.
 DEFAULT_PARTS: dict[str, dict[str, Any]] = {
-    "cue": {"dataset": "synthetic-cue", "models": ["cue-resnet"], "n_images": 16,
+    "cue": {"dataset": "synthetic-cue", "models": ["cue-mobilenetv2"], "n_images": 16,
             "metrics": ["energy_pointing_game", "pointing_game"], "metric_params": {"pointing_game": {"tolerance": 0}}},
-    "contrast": {"dataset": "synthetic-contrast", "models": ["contrast-object-resnet", "contrast-background-resnet"],
-                 "n_images": 16, "model_dataset_params": {"contrast-background-resnet": {"label": "background"}},
-                 "pairs": [["contrast-object-resnet", "contrast-background-resnet"]], "metrics": ["model_contrast"]},
+    "contrast": {"dataset": "synthetic-contrast",
+                 "models": ["contrast-object-mobilenetv2", "contrast-background-mobilenetv2"], "n_images": 16,
+                 "model_dataset_params": {"contrast-background-mobilenetv2": {"label": "background"}},
+                 "pairs": [["contrast-object-mobilenetv2", "contrast-background-mobilenetv2"]],
+                 "metrics": ["model_contrast"]},
 }
 HEATMAP_DTYPES = ("float32", "float16", "uint8")
 MAX_CONFIG_BYTES = 1 << 20

@@ -73,7 +73,10 @@ class MethodSpec:
         """The method's defaults, then the image-size defaults for ``size`` (H, W), then ``params``,
         key by key; unknown names and wrong types are an error."""
         self.check_params(params)
-        scaled = self.scaled(*size) if self.scaled is not None and size is not None else {}
+        scaled = {}
+        if self.scaled is not None and size is not None:  # ``scaled(h, w)`` or ``scaled(h, w, params)``
+            takes_params = self.scaled.__code__.co_argcount >= 3 if hasattr(self.scaled, "__code__") else False
+            scaled = self.scaled(*size, {**self.params, **params}) if takes_params else self.scaled(*size)
         resolved = {**self.params, **scaled}
         for k, v in params.items():
             if not (v is None and k in scaled):  # None asks for the image-size default

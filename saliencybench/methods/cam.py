@@ -29,7 +29,7 @@ from ..errors import InvalidInputError, NotApplicableError
 from ..modelutil import (FEATURES, SCORES, GuardState, autocast, fast_inference, forward_with_layer,
                          gap_linear_head, has_feature_head_split, resolve_batch_size, resolve_layer, safe_forward,
                          target_score, upcast)
-from .base import Applicability, batch_slices, reduce_channels, register_method, upsample
+from .base import Applicability, batch_slices, reduce_channels, register_method, report_progress, upsample
 from .gradient import guided_applicability, guided_gradients
 from .shared import GradientPass, PassNeeds, derives_from_pass
 from .tokens import probe_size, repeat_layer_note
@@ -306,6 +306,7 @@ def scorecam_maps(
             hi = up.flatten(1).amax(1).view(k, 1, 1)
             masks = ((up - lo) / (hi - lo + 1e-8)).to(images.dtype)
             for sl in batch_slices(k, batch_size):
+                report_progress(i * k + sl.start, b * k)
                 x = buffer[: sl.stop - sl.start]
                 torch.mul(source[i : i + 1], masks[sl, None], out=x)
                 logits = upcast(safe_forward(model, x))

@@ -35,21 +35,22 @@ AUTO_MAX_FLOP_RATIO = 0.6
     paper="Zeiler, Fergus. Visualizing and Understanding Convolutional Networks. ECCV 2014",
     family="perturbation",
     needs_grad=False,
-    scaled=lambda h, w: dict(zip(("window", "stride"), default_occlusion_window(h, w))),
-    constraints={"window": ">=1", "stride": ">=1", "batch_size": ">=1", "score": ("logit", "probability",
+    scaled=lambda h, w, p: dict(zip(("window", "stride"), default_occlusion_window(h, w, p["windows_per_side"]))),
+    constraints={"window": ">=1", "stride": ">=1", "windows_per_side": ">=1", "batch_size": ">=1", "score": ("logit", "probability",
                                                                                  "log_probability"),
                  "sign": ("signed", "abs", "positive")},
     signed=True,
 )
 def occlusion(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, window: int | None = None,
-    stride: int | None = None, baseline: float = 0.0, score: str = "logit", batch_size: int = 64,
+    stride: int | None = None, windows_per_side: float = 14.0, baseline: float = 0.0, score: str = "logit", batch_size: int = 64,
     incremental: bool | None = None, sign: str = "signed",
 ) -> torch.Tensor:
     """Occlusion: mean over the windows covering a pixel of score(clean) - score(occluded).
 
     A ``window`` x ``window`` square filled with ``baseline`` (all channels) slides
-    with ``stride``; defaults from :func:`default_occlusion_window`. Equal to
+    with ``stride``; defaults from :func:`default_occlusion_window` (window = min(H, W) /
+    ``windows_per_side``, stride = window // 2, so the cost scales with nothing but that budget). Equal to
     ``captum.attr.Occlusion`` with sliding_window_shapes=(3,w,w), strides=(3,s,s).
     Forward passes: B x (number of windows) + B. Returns Tensor[B,H,W].
 
@@ -70,7 +71,7 @@ def occlusion(
     if finish is None:
         raise InvalidInputError(f"unknown occlusion sign {sign!r}; use 'signed', 'abs' or 'positive'")
     b, _, h, w = images.shape
-    dw, ds = default_occlusion_window(h, w)
+    dw, ds = default_occlusion_window(h, w, windows_per_side)
     window = dw if window is None else int(window)
     stride = ds if stride is None else int(stride)
     if not 1 <= window <= min(h, w):

@@ -14,13 +14,14 @@ import torch
 from ..errors import InvalidInputError
 
 
-def default_occlusion_window(height: int, width: int) -> tuple[int, int]:
-    """Default occlusion window and stride: window = round(min(H,W)/14), stride = window // 2.
+def default_occlusion_window(height: int, width: int, per_side: float = 14.0) -> tuple[int, int]:
+    """Default occlusion window and stride: window = round(min(H,W) / per_side), stride = window // 2.
 
-    (16 and 8 at 224 px, as Zeiler & Fergus' patch of about 1/14 of the image;
-    8 and 4 at 112 px.)
+    (``per_side`` 14: 16 and 8 at 224 px, as Zeiler & Fergus' patch of about 1/14 of the
+    image; 8 and 4 at 112 px.) The number of window positions, about (2 per_side - 1)^2,
+    does not depend on the image size: ``per_side`` is a cost budget that scales.
     """
-    window = max(1, round(min(height, width) / 14))
+    window = max(1, round(min(height, width) / per_side))
     return window, max(1, window // 2)
 
 

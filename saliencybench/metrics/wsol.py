@@ -119,17 +119,28 @@ def contour_boxes(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     by one pixel on each side (the foreground border pixels around the hole).
     """
     _, h, w = masks.shape
-    found_t, found_b = [], []
     labels, n = ndimage.label(masks, structure=_SLICE_8)
-    for s in ndimage.find_objects(labels) if n else []:
-        found_t.append(s[0].start)
-        found_b.append((s[2].start, s[1].start, s[2].stop, s[1].stop))
+    t_out, b_out = _label_boxes(labels, n)
     labels, n = ndimage.label(~masks, structure=_SLICE_4)
-    for s in ndimage.find_objects(labels) if n else []:
-        if s[1].start > 0 and s[2].start > 0 and s[1].stop < h and s[2].stop < w:
-            found_t.append(s[0].start)
-            found_b.append((s[2].start - 1, s[1].start - 1, s[2].stop + 1, s[1].stop + 1))
-    return np.asarray(found_t, dtype=np.int64), np.asarray(found_b, dtype=np.int64).reshape(-1, 4)
+    t_in, b_in = _label_boxes(labels, n)
+    inner = (b_in[:, 0] > 0) & (b_in[:, 1] > 0) & (b_in[:, 2] < w) & (b_in[:, 3] < h)
+    holes = b_in[inner] + np.array([-1, -1, 1, 1])
+    return np.concatenate([t_out, t_in[inner]]), np.concatenate([b_out, holes]).reshape(-1, 4)
+
+
+def _label_boxes(labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(slice int[n], bounding boxes int[n,4] as x1, y1, x2, y2 exclusive) of the components 1..n of
+    ``labels[T,H,W]``, in label order (as ``ndimage.find_objects``), vectorised over all pixels."""
+    if n == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 4), dtype=np.int64)
+    t, y, x = np.nonzero(labels)
+    ids = labels[t, y, x]
+    order = np.argsort(ids, kind="stable")
+    ids, t, y, x = ids[order], t[order], y[order], x[order]
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    boxes = np.stack([np.minimum.reduceat(x, starts), np.minimum.reduceat(y, starts),
+                      np.maximum.reduceat(x, starts) + 1, np.maximum.reduceat(y, starts) + 1], 1)
+    return t[starts].astype(np.int64), boxes.astype(np.int64)
 
 
 def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
