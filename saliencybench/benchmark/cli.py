@@ -269,7 +269,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"results: {result.path}\nleaderboard: {csv}, {result.path / 'ranking.csv'} and "
               f"{result.path / 'leaderboard.md'}")
         if not args.no_report:
-            print(f"report: {write_report(result)}")
+            print(f"report: {write_report(result, board)}")
         return 0
     if args.command == "score":
         from .plugins import load_plugins
@@ -281,7 +281,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         board, csv = write_leaderboard(run_obj)
         print(render(board, "text", _width(None)))
         if not args.no_report:
-            print(f"report: {write_report(run_obj)}")
+            print(f"report: {write_report(run_obj, board)}")
         return 0
     run_obj = _open(args.run)
     if args.command == "leaderboard":

@@ -122,7 +122,7 @@ class RunConfig:
     metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
     dataset: str = "synthetic"
     dataset_params: dict[str, Any] = field(default_factory=dict)
-    n_images: int = 48
+    n_images: int = 32
     image_size: int = 0
     preprocess: str = "squash"
     batch_size: int = 16
@@ -130,8 +130,7 @@ class RunConfig:
     method_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     metric_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     checkpoints: dict[str, str] = field(default_factory=dict)
-    inspect: list[str] = field(default_factory=lambda: ["filters", "activations", "class-visualisation", "neighbours",
-                                                         "tsne"])
+    inspect: list[str] = field(default_factory=lambda: ["filters", "activations", "neighbours"])
     device: str = "auto"
     heatmap_dtype: str = "float16"
     store_heatmaps: bool = True

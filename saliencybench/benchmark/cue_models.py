@@ -38,17 +38,20 @@ from .cue import CONTRAST_TEXTURES, CUE_TEXTURES, ContrastDataset, CueDataset, s
 from .datasets import SHAPES
 from .models import DEFAULT_RECIPES, MODELS, ModelBundle, ModelSpec, Recipe, default_model, evaluate_accuracy
 
+TRAIN_IMAGES = {"cue": 1500, "object": 2000, "background": 1500}
 _ARCH_SUFFIX = {"synthetic-resnet": "resnet", "synthetic-mobilenetv2": "mobilenetv2", "synthetic-vgg": "vgg"}
 CUE_RECIPES: dict[str, Recipe] = {}
 ROLES: dict[str, str] = {}  # the check each model answers: its role in its data set
 CONTRAST_PAIRS: dict[str, str] = {}  # object model -> background model (BAM's pair on the same images)
 for _arch, _suffix in _ARCH_SUFFIX.items():
     _base = DEFAULT_RECIPES[_arch]  # the default recipe, on the other data
-    CUE_RECIPES[f"cue-{_suffix}"] = dataclasses.replace(_base, dataset="synthetic-cue")
+    # fewer training images than the shapes' recipe: the cue and background textures are learnt from 1500 (the
+    # object from 2000) to the same >= 98.8% held-out accuracy (measured on the MobileNetV2), in half the time
+    CUE_RECIPES[f"cue-{_suffix}"] = dataclasses.replace(_base, dataset="synthetic-cue", n_train=TRAIN_IMAGES["cue"])
     ROLES[f"cue-{_suffix}"] = "cue"
     for _role in ("object", "background"):
-        CUE_RECIPES[f"contrast-{_role}-{_suffix}"] = dataclasses.replace(_base, dataset="synthetic-contrast",
-                                                                         dataset_params=(("label", _role),))
+        CUE_RECIPES[f"contrast-{_role}-{_suffix}"] = dataclasses.replace(
+            _base, dataset="synthetic-contrast", dataset_params=(("label", _role),), n_train=TRAIN_IMAGES[_role])
         ROLES[f"contrast-{_role}-{_suffix}"] = _role
     CONTRAST_PAIRS[f"contrast-object-{_suffix}"] = f"contrast-background-{_suffix}"
 VERIFY_IMAGES = 600  # held-out images per check: chance +- 5 points is 2.8 (4 classes) to 3.3 (6) standard errors

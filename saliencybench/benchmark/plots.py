@@ -32,8 +32,9 @@ PALETTE = "colorblind"
 MIN_AGREEMENT_METHODS = 5
 
 
-def _save(fig: plt.Figure, out: Path, name: str) -> list[Path]:
-    paths = [out / f"{name}.png", out / f"{name}.svg"]
+def _save(fig: plt.Figure, out: Path, name: str, svg: bool = True) -> list[Path]:
+    """Save ``fig`` as PNG (and SVG for charts; image grids stay PNG-only, their SVG would only wrap the pixels)."""
+    paths = [out / f"{name}.png", *([out / f"{name}.svg"] if svg else [])]
     for p in paths:
         fig.savefig(p, dpi=100, bbox_inches="tight")
     plt.close(fig)
@@ -206,4 +207,4 @@ def gallery(images: torch.Tensor, boxes: list[torch.Tensor], heatmaps: dict[str,
                 ax.set_ylabel(titles[i], fontsize=6)
     if im is not None:
         fig.colorbar(im, ax=axes, shrink=0.6, fraction=0.02, label=f"|map| / {clip:g}th percentile")
-    return _save(fig, out, name)
+    return _save(fig, out, name, svg=False)

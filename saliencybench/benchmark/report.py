@@ -221,11 +221,15 @@ def _models_table(run: Run, board: Board) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def write_report(run: Run | str | Path) -> Path:
-    """Write ``<run>/report.html`` (and the leaderboard files); returns its path."""
+def write_report(run: Run | str | Path, board: Board | None = None) -> Path:
+    """Write ``<run>/report.html`` (and the leaderboard files, unless ``board`` is given: then they are
+    written already); returns its path."""
     run = run if isinstance(run, Run) else open_run(run)
-    rows, board = _rows_and_board(run)
-    write_leaderboard(run, board)
+    if board is None:
+        rows, board = _rows_and_board(run)
+        write_leaderboard(run, board)
+    else:
+        rows = board.rows if not board.rows.empty else run.results
     out = run.path / "plots"
     out.mkdir(exist_ok=True)
     meta = json.loads((run.path / "config.json").read_text())

@@ -45,6 +45,7 @@ class Board:
     info: dict[str, Any] = field(default_factory=dict)
     model_use: dict[str, pd.DataFrame] = field(default_factory=dict)
     validity: pd.DataFrame = field(default_factory=pd.DataFrame)
+    rows: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)  # the rows it was computed from
 
     @property
     def models(self) -> list[str]:
@@ -133,7 +134,7 @@ def compute_board(rows: pd.DataFrame, metric_params: dict | None = None, n_class
                  na, missing, _settings(rows, "method", "method_params"), _settings(rows, "metric", "metric_params"),
                  _cost(rows), model_accuracy(rows).reset_index(), localisation_error(rows), skipped, info,
                  model_use_tables(all_rows, {m: i.get("arch", m) for m, i in (models_info or {}).items()}),
-                 model_validity(models_info or {}))
+                 model_validity(models_info or {}), all_rows)
 
 
 def main_rows(rows: pd.DataFrame) -> pd.DataFrame:
