@@ -27,6 +27,7 @@ from saliencybench.benchmark.cue import (
 )
 from saliencybench.benchmark.cue_models import (
     CUE_RECIPES,
+    TRAIN_IMAGES,
     ROLES,
     judge,
     verify_contrast_model,
@@ -250,8 +251,9 @@ def test_cue_models_registered():
     for name, recipe in CUE_RECIPES.items():
         assert name in MODELS and recipe.arch in DEFAULT_ARCHS and ROLES[name] in ("cue", "object", "background")
         default = DEFAULT_RECIPES[recipe.arch]
-        assert {k: v for k, v in recipe.__dict__.items() if not k.startswith("dataset")} == \
-               {k: v for k, v in default.__dict__.items() if not k.startswith("dataset")}
+        assert {k: v for k, v in recipe.__dict__.items() if not k.startswith("dataset") and k != "n_train"} == \
+               {k: v for k, v in default.__dict__.items() if not k.startswith("dataset") and k != "n_train"}
+        assert recipe.n_train == TRAIN_IMAGES[ROLES[name]]
     assert CUE_RECIPES["cue-vgg"].classes() == list(CUE_TEXTURES)
     assert CUE_RECIPES["contrast-background-resnet"].classes() == list(CONTRAST_TEXTURES)
     assert CUE_RECIPES["contrast-object-resnet"].classes() == list(SHAPES)
