@@ -242,8 +242,7 @@ def write_report(run: Run | str | Path, board: Board | None = None) -> Path:
     png = lambda ps: [p for p in ps if p.suffix == ".png"]  # noqa: E731
     sections: list[tuple[str, str, list[str]]] = []  # (id, title, html parts)
     ranking = [table_html(overall_table(board).round(2), index=True)] if len(board.models) > 1 else []
-    for crit, ps in cds.items():
-        ranking += [_img(p, f"critical-difference diagram, {crit}") for p in png(ps)]
+    ranking += [_img(p, "critical-difference diagram, overall") for p in png(cds.get("overall", []))]
     for model in board.models:
         t = model_table(board, model)
         keep = [c for c in t.columns if c in ("overall", *board.criteria(), "sanity", "s/img")]
@@ -257,6 +256,7 @@ def write_report(run: Run | str | Path, board: Board | None = None) -> Path:
         part = []
         for model in board.models:
             part += [f"<h3>{html.escape(model)}</h3>", table_html(model_table(board, model, criteria=[crit]), True)]
+        part += [_img(p, f"critical-difference diagram, {crit}") for p in png(cds.get(crit, []))]
         names = sorted(set(board.metrics[board.metrics.criterion == crit].metric))
         for metric in names:
             part += [_img(p, f"{metric}") for p in png(bars.get(metric, []))]
