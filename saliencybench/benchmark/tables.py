@@ -203,8 +203,9 @@ def model_validity(models_info: dict[str, dict]) -> pd.DataFrame:
 
 
 def overall_table(board: Board) -> pd.DataFrame:
-    """One row per method: the mean over models of its overall rank, its across-models group and its
-    rank and group on each model (NaN / n/a where it does not apply), sorted best first."""
+    """One row per method: its mean rank over the models (among the methods ranked on every model, re-ranked
+    per model: the Friedman/Nemenyi input), its across-models group, and its rank and group on each model
+    (NaN / n/a where it does not apply); a method not ranked on every model has no mean rank and comes last."""
     if board.ranking.empty:
         return pd.DataFrame()
     r = board.ranking[board.ranking.criterion == "overall"]
@@ -212,8 +213,10 @@ def overall_table(board: Board) -> pd.DataFrame:
     groups = r.pivot_table(index="method", columns="model", values="group", aggfunc="first")
     out = pd.DataFrame(index=wide.index.union(groups.index))
     a = board.across[board.across.criterion == "overall"].set_index("method") if not board.across.empty else None
-    out["mean_rank"] = wide.mean(axis=1)
-    out["group"] = a.group.reindex(out.index) if a is not None else ""
+    out["mean_rank"] = a.mean_rank.reindex(out.index) if a is not None else wide.mean(axis=1)
+    out["group"] = a.group.reindex(out.index).fillna("") if a is not None else ""
+    if a is not None:
+        out.loc[out.mean_rank.isna(), "group"] = "-"
     for m in board.models:
         out[m] = wide[m] if m in wide else np.nan
         out[f"{m} group"] = groups[m] if m in groups else ""

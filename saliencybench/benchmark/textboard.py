@@ -122,6 +122,9 @@ def render_text(board: Board, width: int = 100, models: Sequence[str] | None = N
         show.index.name = "method"
         for block in _blocks(show, width, keep=2):
             lines += [_text(block), ""]
+        partial = list(overall.index[overall.mean_rank.isna()])
+        if partial:
+            lines += [f"-: {', '.join(partial)} not ranked on every model (no mean rank; see n/a below)", ""]
     for model in chosen:
         t = model_table(board, model, metrics, criteria)
         if t.empty:
