@@ -109,10 +109,10 @@ def render_text(board: Board, width: int = 100, models: Sequence[str] | None = N
     chosen = [m for m in board.models if not models or m in models]
     if not overall.empty:
         n = board.info.get("n_images", 0)
-        lines += [f"Overall ranking ({len(board.models)} models, {n} images; rank 1 is best): mean of the models' "
-                  "overall ranks", "(each the mean of its criterion ranks, LATEC). Groups: not separable at 0.05 "
-                  "(Friedman-Nemenyi", "across models; bootstrap within a model). Model columns: rank and group "
-                  "on that model.", ""]
+        lines += [f"Overall ranking ({len(board.models)} models, {n} images; rank 1 is best): mean over the models "
+                  "of each", "model's overall rank (the mean of its criterion ranks, LATEC). Groups: not separable "
+                  "at 0.05", "(Friedman-Nemenyi across models; bootstrap within a model). Model columns: rank and "
+                  "group there.", ""]
         show = pd.DataFrame(index=overall.index)
         show["rank"] = [_num(v, 2) for v in overall.mean_rank]
         show["group"] = overall.group.fillna("").astype(str)
@@ -130,8 +130,7 @@ def render_text(board: Board, width: int = 100, models: Sequence[str] | None = N
         if t.empty:
             continue
         acc = board.accuracy.set_index("model").top1_accuracy.get(model, np.nan) if not board.accuracy.empty else np.nan
-        lines.append(f"{model} (top-1 accuracy {_num(acc, 3)}): score ±half 95% CI, * best, ↑/↓ better; "
-                     "ranks with groups")
+        lines.append(f"{model} (top-1 accuracy {_num(acc, 3)}): score ±half 95% CI, * best, ↑/↓ better")
         for block in _blocks(t, width, keep=0):
             lines += [_text(block), ""]
     for title, t in board.model_use.items():
