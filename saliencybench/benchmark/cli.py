@@ -266,8 +266,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         result = run(cfg, run_id=args.run_id, resume=resume, executor=executor, progress=not args.quiet)
         board, csv = write_leaderboard(result)
         print(render(board, "text", _width(None)))
-        print(f"results: {result.path}\nleaderboard: {csv}, {result.path / 'ranking.csv'} and "
-              f"{result.path / 'leaderboard.md'}")
+        print(f"results: {result.path}\nleaderboard: {csv}\n             {result.path / 'ranking.csv'}\n"
+              f"             {result.path / 'leaderboard.md'}")
         if not args.no_report:
             print(f"report: {write_report(result, board)}")
         return 0
@@ -295,7 +295,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         text = render(board, args.format, _width(args.width), args.model, args.metric, args.criterion)
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
         if args.format == "text":
-            print(f"saved: {csv}, {run_obj.path / 'ranking.csv'} and {run_obj.path / 'leaderboard.md'}")
+            print(f"saved: {csv}\n       {run_obj.path / 'ranking.csv'}\n       {run_obj.path / 'leaderboard.md'}")
         return 0
     if args.command == "report":
         print(f"report: {write_report(run_obj)}")
