@@ -102,7 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     lb.add_argument("--width", type=int, metavar="COLS", help="text width (default: the terminal's, at least 100)")
     rp = sub.add_parser("report", help="write the HTML report of a run", formatter_class=fmt)
     rp.add_argument("run", help="run directory (or run id inside results/)")
-    sub.add_parser("list", help="list methods, metrics, data sets and models", formatter_class=fmt)
+    ls = sub.add_parser("list", help="list methods, metrics, data sets and models", formatter_class=fmt)
+    ls.add_argument("--models", nargs="*", metavar="NAME", help="print which method applies to which model (default "
+                    "the default run's models); timm names are built with random weights")
     tr = sub.add_parser("train", help="(re)train the embedded default models into the cache", formatter_class=fmt)
     tr.add_argument("--models", nargs="+", help="default, cue or contrast model names (default: the default models)")
     from ..inspect.cli import add_parser as add_inspect_parser
@@ -175,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _list() -> int:
+def _list(models: list[str] | None = None) -> int:
+    import shutil
+
     from ..methods.base import METHODS
     from ..metrics.base import METRICS
     from .datasets import DATASETS
@@ -187,10 +191,48 @@ def _list() -> int:
         ("data sets", DATASETS, lambda s: s.summary),
         ("models (and any timm model name)", MODELS, lambda s: s.summary),
     ]
+    width = max(100, shutil.get_terminal_size((100, 24)).columns)
+    if models is not None:
+        return _applicability(models or None, width)
     for title, registry, describe in sections:
         print(f"{title}:")
         for n, spec in sorted(registry.entries.items()):
-            print(f"  {n:24s} {describe(spec)}"[:200])
+            if ":" in n:
+                continue  # the peers' wrapped classes are listed by family below
+            line = f"  {n:24s} {describe(spec)}"
+            print(line if len(line) <= width else line[: width - 1] + "…")
+    from ..methods.peers import available_classes
+
+    print("peer methods by name (method_params: init, attribute, layer, ...):")
+    for prefix, extra in (("captum", "captum"), ("gradcam", "gradcam")):
+        names = available_classes(prefix)
+        text = f"{len(names)} classes, e.g. {', '.join(names[:4])}" if names else \
+            f"not installed: pip install 'saliencybench[{extra}]'"
+        print(f"  {prefix + ':<Class>':24s} {text}")
+    return 0
+
+
+def _applicability(names: list[str] | None, width: int) -> int:
+    """The method x model applicability matrix of ``names`` (default: the default run's models)."""
+    from ..methods.applicability import applicability_matrix
+    from .config import DEFAULT_MODELS
+    from .models import MODELS, load_model
+
+    models = {}
+    for name in names or DEFAULT_MODELS:
+        from .validate import check_model_name
+
+        check_model_name(name)
+        models[name] = (load_model(name) if name in MODELS else load_model(name, pretrained=False)).model
+    table = applicability_matrix(models)
+    short = table.map(lambda v: "ok" if v == "ok" else "no")
+    print("which method applies to which model (no: the reason is below)")
+    print(short.to_string())
+    for method, row in table.iterrows():
+        for model, v in row.items():
+            if v != "ok":
+                line = f"  {method} on {model}: {v}"
+                print(line if len(line) <= width else line[: width - 1] + "…")
     return 0
 
 
@@ -235,7 +277,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_inspect(args)
     if args.command == "list":
-        return _list()
+        return _list(args.models)
     if args.command == "plan":
         from .plan import command as plan_command
 

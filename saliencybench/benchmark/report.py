@@ -281,7 +281,7 @@ def write_report(run: Run | str | Path, board: Board | None = None) -> Path:
         sections.append(("model-use", "What the model uses", part))
     if gallery:
         sections.append(("gallery", "Heatmaps", [_img(p, p.stem.replace("gallery_", "")) for p in png(gallery)]))
-    sections.append(("models", "Models", [table_html(_models_table(run, board))]))
+    sections.append(("models", "Models", [table_html(_models_table(run, board)), *_applicability(run)]))
     cost = board.cost.pivot_table(index="method", columns=["model", "what"], values="seconds_per_image") \
         if not board.cost.empty else pd.DataFrame()
     if not cost.empty:
@@ -325,6 +325,22 @@ def write_report(run: Run | str | Path, board: Board | None = None) -> Path:
     path = run.path / "report.html"
     path.write_text(page)
     return path
+
+
+def _applicability(run: Run) -> list[str]:
+    """Which of the run's methods apply to which of its models (the methods' own checks), with the reasons."""
+    from ..methods.applicability import applicability_matrix
+
+    ctx = TaskContext(run.config, run.run_id, run.path)
+    try:
+        table = applicability_matrix({m: ctx.model(m).model for m in run.config.models}, run.config.methods)
+    except SaliencyBenchError as e:
+        return [f"<p class='muted'>applicability not computed: {html.escape(str(e))}</p>"]
+    reasons = [(method, model, v) for method, row in table.iterrows() for model, v in row.items() if v != "ok"]
+    return ["<h3>Which method applies to which model</h3>",
+            table_html(table.map(lambda v: "ok" if v == "ok" else "no"), index=True),
+            "<ul class='muted'>" + "".join(f"<li>{html.escape(f'{a} on {b}: {v}')}</li>" for a, b, v in reasons) +
+            "</ul>"]
 
 
 def _inspection(run: Run) -> str:
