@@ -80,7 +80,7 @@ def test_gradcam_on_vit_vs_forward_backward(benchmark, name, size, b):
     benchmark.pedantic(synced(ours), setup=side.round, rounds=rounds_for(warm), iterations=1)
     ours_s, ref_s = benchmark.stats.stats.min, side.best("fwd+bwd")
     measure = f"gradcam on {name} {size}px, batch {b}"
-    rows = [row(measure, 15, ours_s, "one forward + one backward pass to the input", ref_s, None,
+    rows = [row(measure, 15, ours_s, "one forward + one backward pass to the input", ref_s, "vit_gradcam",
                 note=f"{verdict(ours_s / ref_s)}; default layer blocks[-1].norm1, the backward stops there")]
     record(benchmark, rows, model=name, device=DEVICE)
 
@@ -106,7 +106,7 @@ def test_rollout_vs_forward_with_capture(benchmark, name, size, b):
     chefer, cap_bwd = side.best("chefer"), side.best("capture+bwd")
     measure = f"attention_rollout on {name} {size}px, batch {b}"
     rows = [
-        row(measure, 15, ours_s, "one forward pass with the attention capture", cap, None,
+        row(measure, 15, ours_s, "one forward pass with the attention capture", cap, "rollout_vs_capture",
             note=f"{verdict(ours_s / cap)}; explain()'s input and output checks included"),
         row(f"attention_rollout without explain() on {name} {size}px, batch {b}", 15, alone,
             "one forward pass with the attention capture", cap, None, note=verdict(alone / cap)),

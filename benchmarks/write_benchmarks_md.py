@@ -44,6 +44,10 @@ TARGET_NAMES = {
     7: "shared passes: explain_many vs separate explain calls",
     8: "embedded default run, fresh cache",
     9: "runner scaling: time linear, memory flat",
+    12: "import time; heatmap-store cost",
+    14: "metrics: ROAD vs Quantus; robustness batched vs plain gradient passes",
+    15: "transformers: Grad-CAM and attention rollout vs forward (+ backward) passes",
+    17: "Ray executor vs in-process (1 and 2 workers)",
 }
 # Why a target can be missed, per target id: printed above the profile of each missed measure.
 GAP_NOTES = {
@@ -129,6 +133,8 @@ def fmt_ratio(r: dict) -> str:
     kind = r.get("ratio_kind", "ours/ref")
     if kind == "ref/ours":
         return f"{r['ratio']:.2f}x faster"
+    if kind == "MB":
+        return f"{r['ratio']:.3g} MB"
     if kind == "s":
         return f"{r['ratio']:.0f} s"
     return f"{r['ratio']:.2f}x"
