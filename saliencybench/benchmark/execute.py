@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from ..errors import NotApplicableError, SaliencyBenchError
 from ..methods.base import collect_notes, explain, get_method, progress_to
@@ -71,6 +72,7 @@ class TaskContext:
     _logits: dict[tuple[str, tuple[int, ...]], torch.Tensor] = field(default_factory=dict)
     explain_allowed: bool = True
     inner_progress: bool = False
+    imported: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # method -> image id -> map
 
     @property
     def device(self) -> torch.device:
@@ -233,7 +235,12 @@ def run_explain(task: Task, ctx: TaskContext) -> tuple[list[dict[str, Any]], Hea
         top5 = logits.topk(min(5, logits.shape[1]), 1).indices
         t0 = time.perf_counter()
         note = reason
-        if not heat.na:
+        if task.method in ctx.imported:
+            maps, note = imported_maps(ctx.imported[task.method], g, task.method)
+            maps = quantise(maps, ctx.config.heatmap_dtype)
+            heat.maps.update(zip(g.indices, maps))
+            heat.ids.update((i, s.image_id) for i, s in zip(g.indices, g.samples))
+        elif not heat.na:
             try:
                 with warnings.catch_warnings(), collect_notes() as notes, inner_bar(ctx, task.label()):
                     warnings.simplefilter("ignore")
@@ -254,6 +261,25 @@ def run_explain(task: Task, ctx: TaskContext) -> tuple[list[dict[str, Any]], Hea
                          "note": note, "top5_correct": bool((top5[j] == s.label).any()), "predicted": pred,
                          "predicted_class": ctx.class_name(task.model, pred), "seconds": seconds / len(g.samples)})
     return rows, heat
+
+
+def imported_maps(maps: dict[str, torch.Tensor], g: Group, method: str) -> tuple[torch.Tensor, str]:
+    """The imported heatmaps of a group's samples (Tensor[b,H,W] at the input size) and the row note."""
+    missing = [s.image_id for s in g.samples if s.image_id not in maps]
+    if missing:
+        raise SaliencyBenchError(f"the heatmaps file for {method!r} has no maps for image ids {missing[:10]}"
+                                 f"{' ...' if len(missing) > 10 else ''}; it must hold every image scored")
+    size = tuple(g.x.shape[-2:])
+    out, resized = [], set()
+    for s in g.samples:
+        m = maps[s.image_id].float()
+        if tuple(m.shape) != size:
+            resized.add(tuple(m.shape))
+            m = F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+        out.append(m)
+    note = f"imported heatmaps ({method})" + (f"; resized bilinearly from {sorted(resized)} to {size}" if resized
+                                              else "")
+    return torch.stack(out), note
 
 
 def _result_rows(result: MetricResult, spec_name: str, g: Group, base: dict[str, Any], params: dict[str, Any],
@@ -300,7 +326,7 @@ def _score_group(task: Task, ctx: TaskContext, g: Group, heat: Heat,
             resolved = {m: specs[m].resolve_params(params[m], tuple(g.x.shape[-2:])) for m in task.metrics}
             out = GROUPS[group](batch, resolved)
             for m, r in out.items():
-                r.params = {**resolved[m], **r.params}
+                r.params = {**resolved[m], **r.params, "heatmap_form": specs[m].heatmap}
             return {m: out[m] for m in task.metrics}
         return {m: specs[m].score(batch, params[m]) for m in task.metrics}
 
