@@ -213,10 +213,10 @@ def _list(models: list[str] | None = None) -> int:
                 continue  # the peers' wrapped classes are listed by family below
             line = f"  {n:24s} {describe(spec)}"
             print(line if len(line) <= width else line[: width - 1] + "…")
-    from ..methods.peers import available_classes
+    from ..methods.peers import PREFIXES, available_classes
 
     print("peer methods by name (method_params: init, attribute, layer, ...):")
-    for prefix, extra in (("captum", "captum"), ("gradcam", "gradcam")):
+    for prefix, (_, extra) in PREFIXES.items():
         names = available_classes(prefix)
         text = f"{len(names)} classes, e.g. {', '.join(names[:4])}" if names else \
             f"not installed: pip install 'saliencybench[{extra}]'"
