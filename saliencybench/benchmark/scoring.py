@@ -119,7 +119,7 @@ def score_heatmaps(heatmaps: str | Path | tuple[list[str], torch.Tensor], *, dat
     cover the run's images (matched by image id; maps of another size are resized bilinearly to the
     model's input, with a note). ``metrics``: default the config's metrics that need no method call
     (those with ``"method"`` in their inputs call the method again and cannot score imported maps).
-    ``methods``: built-in methods computed in the same run for comparison (e.g. ``["gradcam", "random"]``).
+    ``methods``: built-in methods computed in the same run for comparison.
     ``config``: the other settings (n_images, dataset_params, checkpoints, output, ...). Returns the run.
     """
     from ..methods.base import METHODS, MethodSpec
