@@ -10,6 +10,34 @@ import pytest
 torch.set_num_threads(2)
 
 
+def _user_added(spec) -> bool:
+    """A registry entry made by a test (a plug-in file, README code, imported heatmaps), not by the package."""
+    fn = getattr(spec, "fn", None)
+    module = getattr(fn, "__module__", None) or ""
+    return getattr(spec, "family", None) in ("plugin", "imported") or not module.startswith("saliencybench.")
+
+
+@pytest.fixture(autouse=True)
+def _forget_test_registrations():
+    """Drop the methods, metrics and plug-in files a test registered in this process, so that test order
+    never matters (built-in entries registered by a lazy import stay)."""
+    from saliencybench.benchmark import plugins
+    from saliencybench.methods.base import METHODS
+    from saliencybench.metrics.base import GROUPS, METRICS
+
+    before = (set(METHODS.entries), set(METRICS.entries), set(GROUPS), dict(plugins._LOADED))
+    yield
+    for registry, names in ((METHODS, before[0]), (METRICS, before[1])):
+        for name in set(registry.entries) - names:
+            if _user_added(registry.entries[name]):
+                del registry.entries[name]
+    for name in set(GROUPS) - before[2]:
+        if not (getattr(GROUPS[name], "__module__", "") or "").startswith("saliencybench."):
+            del GROUPS[name]
+    plugins._LOADED.clear()
+    plugins._LOADED.update(before[3])
+
+
 def make_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float64, **kwargs) -> nn.Module:
     """A random-init timm model (10 classes) with non-trivial norm statistics, in eval mode."""
     torch.manual_seed(seed)

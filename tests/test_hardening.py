@@ -371,7 +371,7 @@ def test_cli_unexpected_error_is_one_line_with_a_traceback_file(tmp_path, monkey
     def boom(args):
         raise ZeroDivisionError("surprise")
 
-    monkeypatch.setattr(c, "_list", lambda: boom(None))
+    monkeypatch.setattr(c, "_list", lambda *a, **k: boom(None))
     code, err = cli(["list"], capsys)
     assert code == 1 and "ZeroDivisionError: surprise" in err and "traceback is in" in err
     path = Path(err.split("traceback is in ")[1].split(". ")[0])

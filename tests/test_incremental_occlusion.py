@@ -350,7 +350,7 @@ def test_float32_runs_with_folded_norms_and_equals_full(monkeypatch):
             folded.append(n)
             yield n
 
-    monkeypatch.setattr(modelutil, "folded_batchnorm", spy)
+    monkeypatch.setattr(modelutil.fastpath, "folded_batchnorm", spy)
     model = narrow("resnet18", dtype=torch.float32)
     x = images(64, 64, dtype=torch.float32)
     t = torch.tensor([5])

@@ -287,3 +287,52 @@ def test_parts_and_pair_metrics(tmp_path):
     bad = dict(cfg.to_dict(), parts={"x": {"metrics": ["model_contrast"], "models": ["resnet10t"]}})
     with pytest.raises(sb.SaliencyBenchError, match="pairs"):
         run(config_from_dict({k: v for k, v in bad.items()}), run_id="bad", progress=False)
+
+
+def test_score_heatmaps_made_elsewhere(tmp_path, checkpoint):
+    """A .npz of heatmaps from any tool, scored on a data set and model beside built-in methods; clear errors."""
+    from saliencybench.benchmark.scoring import read_heatmaps_file, score_heatmaps
+
+    cfg = small(tmp_path, checkpoint, n_images=4)
+    ref = run(cfg, run_id="ref", progress=False)
+    ids, maps = ref.heatmaps("resnet10t", "gradcam")
+    f = tmp_path / "mine.npz"
+    np.savez(f, image_ids=np.array(ids), heatmaps=maps.numpy())
+    out = subprocess.run([sys.executable, "-m", "saliencybench", "score", "--heatmaps", str(f), "--dataset",
+                          "synthetic", "--model", "resnet10t", "--checkpoint", f"resnet10t={checkpoint}",
+                          "--method-name", "my_gradcam", "--methods", "gradcam", "--metrics", "deletion,pointing_game",
+                          "--n-images", "4", "--output", str(tmp_path), "--run-id", "imp", "--no-report", "--quiet"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr  # 48 px maps on the CLI's 64 px default images: resized, with a note
+    cli_rows = open_run(tmp_path / "imp").results
+    assert set(cli_rows.method) == {"my_gradcam", "gradcam"}
+    assert cli_rows[cli_rows.method == "my_gradcam"].note.str.contains("resized bilinearly").any()
+    # with the same settings as the reference run, the imported maps score exactly as the method itself
+    imp = score_heatmaps(f, dataset="synthetic", model="resnet10t", method_name="my_gradcam", methods=["gradcam"],
+                         metrics=["deletion", "pointing_game"], config=cfg, run_id="imp2", progress=False)
+    rows = imp.results
+    a = rows[(rows.method == "my_gradcam") & (rows.metric == "pointing_game")].set_index("image_id").value
+    b = rows[(rows.method == "gradcam") & (rows.metric == "pointing_game")].set_index("image_id").value
+    assert len(a) == 4 and a.sort_index().tolist() == b.sort_index().tolist()  # the same maps, the same scores
+    notes = rows[(rows.method == "my_gradcam") & (rows.metric == "top1_correct")].note
+    assert notes.str.contains("imported heatmaps").all()
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, image_ids=np.array(ids[:2]), heatmaps=maps.numpy()[:2])
+    with pytest.raises(sb.SaliencyBenchError, match="no maps for image ids"):
+        score_heatmaps(bad, dataset="synthetic", model="resnet10t", method_name="my2", metrics=["pointing_game"],
+                       config=cfg, run_id="bad", progress=False)
+    nan = tmp_path / "nan.npz"
+    m = maps.numpy().copy()
+    m[1, 0, 0] = np.nan
+    np.savez(nan, image_ids=np.array(ids), heatmaps=m)
+    with pytest.raises(sb.SaliencyBenchError, match="NaN"):
+        read_heatmaps_file(nan)
+    shape = tmp_path / "shape.npz"
+    np.savez(shape, image_ids=np.array(ids), heatmaps=maps.numpy()[:, 0])
+    with pytest.raises(sb.SaliencyBenchError, match=r"\[N,H,W\]"):
+        read_heatmaps_file(shape)
+    with pytest.raises(sb.SaliencyBenchError, match="registered method"):
+        score_heatmaps(f, dataset="synthetic", model="resnet10t", method_name="gradcam", config=cfg, progress=False)
+    with pytest.raises(sb.SaliencyBenchError, match="call the method"):
+        score_heatmaps(f, dataset="synthetic", model="resnet10t", method_name="my3", metrics=["random_logit"],
+                       config=cfg, progress=False)

@@ -34,7 +34,7 @@ def test_fast_layout_gives_the_same_perturbation_scores(monkeypatch):
         "scorecam": sb.explain(model, x, t, "scorecam", layer="layer3"),
         "curves": sb.metrics.deletion_insertion(model, x, t, heat, n_steps=8)["insertion"][1],
     }
-    monkeypatch.setattr(modelutil, "fast_layout", lambda images: False)
+    monkeypatch.setattr(modelutil.fastpath, "fast_layout", lambda images: False)
     plain = {
         "rise": sb.explain(model, x, t, "rise", n_masks=40),
         "scorecam": sb.explain(model, x, t, "scorecam", layer="layer3"),

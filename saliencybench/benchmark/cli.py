@@ -60,9 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--image-size", type=int, metavar="PX", help="resize every image to PX (default 0: each model's own)")
     from .preprocess import PREPROCESSING
 
-    r.add_argument("--preprocess", choices=PREPROCESSING,
-                   help="squash (RISE), shorter_side (TorchRay: scored at the original resolution) or center_crop "
-                   "(default squash)")
+    r.add_argument("--preprocess", metavar="MODE",
+                   help=f"one of {', '.join(PREPROCESSING)}: squash (RISE), shorter_side (TorchRay: scored at the "
+                   "original resolution) or center_crop (timm's eval transform) (default squash)")
     r.add_argument("--batch-size", type=int, metavar="N", help="images per task and batch (default 16)")
     r.add_argument("--seed", type=int, help="seed of every random draw (default 0)")
     r.add_argument("--device", metavar="DEV", help="auto, cpu, cuda or cuda:N (default auto: CUDA when available)")
@@ -84,9 +84,21 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--ray-address", metavar="ADDR", help="a running Ray cluster (auto, host:6379 or "
                    "ray://host:10001; implies --executor ray); --output must be on storage every node sees")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
-    s = sub.add_parser("score", help="add metrics to a finished run from its stored heatmaps", formatter_class=fmt)
-    s.add_argument("run", help="run directory")
-    s.add_argument("--metrics", required=True, help="comma-separated metric names")
+    s = sub.add_parser("score", help="add metrics to a finished run from its stored heatmaps, or score heatmaps "
+                       "made elsewhere (--heatmaps)", formatter_class=fmt)
+    s.add_argument("run", nargs="?", help="run directory (not with --heatmaps)")
+    s.add_argument("--metrics", help="comma-separated metric names (required for a run; with --heatmaps default "
+                   "the default run's metrics that need no method call)")
+    s.add_argument("--heatmaps", metavar="FILE", help="a .npz (image_ids, heatmaps[N,H,W]) or .safetensors file of "
+                   "heatmaps computed with any tool: scored as a new run")
+    s.add_argument("--dataset", help="with --heatmaps: the data set the maps belong to")
+    s.add_argument("--data-root", metavar="DIR", help="with --heatmaps: the data set's root directory")
+    s.add_argument("--model", help="with --heatmaps: the model the maps explain (saliencybench or timm name)")
+    s.add_argument("--checkpoint", action="append", default=[], metavar="MODEL=FILE", help="weights of --model")
+    s.add_argument("--method-name", help="with --heatmaps: the name the maps are ranked under")
+    s.add_argument("--n-images", type=int, metavar="N", help="with --heatmaps: images scored (default 32)")
+    s.add_argument("--output", metavar="DIR", help="with --heatmaps: parent directory of the new run")
+    s.add_argument("--run-id", metavar="ID", help="with --heatmaps: name of the new run directory")
     s.add_argument("--methods", help="only these methods (comma-separated; default all of the run's)")
     s.add_argument("--models", help="only these models (comma-separated; default all of the run's)")
     s.add_argument("--plugin", action="append", default=[], metavar="FILE", help="plug-in file; repeatable")
@@ -256,10 +268,10 @@ def _list(models: list[str] | None = None) -> int:
                 continue  # the peers' wrapped classes are listed by family below
             line = f"  {n:24s} {describe(spec)}"
             print(line if len(line) <= width else line[: width - 1] + "…")
-    from ..methods.peers import available_classes
+    from ..methods.peers import PREFIXES, available_classes
 
     print("peer methods by name (method_params: init, attribute, layer, ...):")
-    for prefix, extra in (("captum", "captum"), ("gradcam", "gradcam")):
+    for prefix, (_, extra) in PREFIXES.items():
         names = available_classes(prefix)
         text = f"{len(names)} classes, e.g. {', '.join(names[:4])}" if names else \
             f"not installed: pip install 'saliencybench[{extra}]'"
@@ -296,6 +308,36 @@ def _open(name: str):  # -> Run
 
     path = Path(name)
     return open_run(path if path.exists() else Path("results") / name)
+
+
+def _score_imported(args: argparse.Namespace, write_leaderboard, write_report, render) -> int:  # noqa: ANN001
+    """``score --heatmaps FILE --dataset D --model M --method-name NAME``: a new run of imported heatmaps."""
+    from .config import RunConfig, config_from_dict
+    from .scoring import score_heatmaps
+
+    missing = [f"--{k.replace('_', '-')}" for k in ("dataset", "model", "method_name") if not getattr(args, k)]
+    if missing:
+        raise SaliencyBenchError(f"score --heatmaps also needs {', '.join(missing)}")
+    over: dict = {}
+    if args.data_root:
+        over["dataset_params"] = {"root": args.data_root}
+    if args.n_images is not None:
+        over["n_images"] = args.n_images
+    if args.output:
+        over["output"] = args.output
+    if args.checkpoint:
+        over["checkpoints"] = dict(c.split("=", 1) for c in args.checkpoint if "=" in c)
+    cfg = config_from_dict({**over, "models": [args.model]}, RunConfig())
+    run_obj = score_heatmaps(args.heatmaps, dataset=args.dataset, model=args.model, method_name=args.method_name,
+                             metrics=_csv(args.metrics) if args.metrics else None,
+                             methods=_csv(args.methods) if args.methods else None, config=cfg, run_id=args.run_id,
+                             progress=not args.quiet)
+    board, _ = write_leaderboard(run_obj)
+    print(render(board, "text", _width(None)))
+    print(f"results: {run_obj.path}")
+    if not args.no_report:
+        print(f"report: {write_report(run_obj, board)}")
+    return 0
 
 
 def _width(asked: int | None) -> int:
@@ -374,6 +416,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .plugins import load_plugins
 
         load_plugins(args.plugin)
+        if args.heatmaps:
+            return _score_imported(args, write_leaderboard, write_report, render)
+        if not args.run or not args.metrics:
+            raise SaliencyBenchError("score needs a run directory and --metrics A,B (or --heatmaps FILE --dataset D "
+                                     "--model M --method-name NAME to score heatmaps made elsewhere)")
         run_obj = _open(args.run)
         run_obj.score(_csv(args.metrics), methods=_csv(args.methods) if args.methods else None,
                       models=_csv(args.models) if args.models else None, progress=not args.quiet)

@@ -231,7 +231,7 @@ class MetricSpec:
             result = self.scorer(self, batch, p)
         else:
             result = _default_scorer(self, batch, p, params)
-        result.params = {**p, **result.params}
+        result.params = {**p, **result.params, "heatmap_form": self.heatmap}
         return result
 
 
