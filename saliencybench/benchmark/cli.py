@@ -384,12 +384,17 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "train":
         from .cue_models import CUE_RECIPES, cue_model
         from .models import DEFAULT_ARCHS, default_model
+        from .pretrain import train_missing
 
         names = [*DEFAULT_ARCHS, *CUE_RECIPES]
-        for name in _names(args.models) or list(DEFAULT_ARCHS):
+        chosen = list(dict.fromkeys(_names(args.models) or list(DEFAULT_ARCHS)))
+        for name in chosen:
             if name not in names:
                 raise UnknownNameError("trainable model", name, names)
-            b = cue_model(name, retrain=True) if name in CUE_RECIPES else default_model(name, retrain=True)
+        side = {r["name"] for r in train_missing(chosen, retrain=True)}  # side by side where cores allow
+        for name in chosen:
+            retrain = name not in side
+            b = cue_model(name, retrain=retrain) if name in CUE_RECIPES else default_model(name, retrain=retrain)
             check = b.info.get("verification", {})
             extra = f", verification: {check.get('reason')}" if check else ""
             print(f"{name}: val accuracy {b.info['val_accuracy']:.4f}, {b.info['train_seconds']:.0f} s, "

@@ -165,6 +165,7 @@ class Recipe:
     seed: int = 0
     dataset: str = "synthetic"  # the registered data set trained on (train / val splits)
     dataset_params: tuple[tuple[str, Any], ...] = ()  # its further parameters, as sorted (name, value) pairs
+    threads: int = 1  # CPU threads of the training loop: fixed, so the weights are the same on every machine
 
     def key(self) -> str:
         """The cache key: a hash of the fields; ``dataset`` and ``dataset_params`` enter it only when they
@@ -260,7 +261,20 @@ def _release_training_data(recipe: Recipe) -> None:
 
 
 def train_default_model(recipe: Recipe, progress: bool = True) -> tuple[nn.Module, dict[str, Any]]:
-    """Train a default model from its recipe: (model in eval mode, info with accuracy and time)."""
+    """Train a default model from its recipe: (model in eval mode, info with accuracy and time).
+
+    The loop runs on ``recipe.threads`` CPU threads (restored after): float reductions depend on the
+    thread count, so a fixed count makes the weights the same on every machine.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(recipe.threads)
+    try:
+        return _train(recipe, progress)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train(recipe: Recipe, progress: bool) -> tuple[nn.Module, dict[str, Any]]:
     torch.manual_seed(recipe.seed)
     g = torch.Generator().manual_seed(recipe.seed)
     model = DEFAULT_ARCHS[recipe.arch](len(recipe.classes()))
@@ -308,6 +322,14 @@ def architecture_key(model: nn.Module) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def cache_files(name: str, recipe: Recipe | None = None, model: nn.Module | None = None) -> tuple[Path, Path]:
+    """(weights, metadata) paths of default model ``name`` trained with ``recipe`` in the cache."""
+    recipe = recipe or DEFAULT_RECIPES[name]
+    model = model if model is not None else DEFAULT_ARCHS[recipe.arch](len(recipe.classes()))
+    stem = cache_dir() / f"{name}-{recipe.key()}-{architecture_key(model)}"
+    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+
 def default_model(name: str, recipe: Recipe | None = None, retrain: bool = False, progress: bool = True) -> ModelBundle:
     """The default model ``name``: loaded from the cache, or trained and cached first.
 
@@ -316,8 +338,7 @@ def default_model(name: str, recipe: Recipe | None = None, retrain: bool = False
     recipe = recipe or DEFAULT_RECIPES[name]
     classes = recipe.classes()
     model = DEFAULT_ARCHS[recipe.arch](len(classes))
-    stem = cache_dir() / f"{name}-{recipe.key()}-{architecture_key(model)}"
-    weights, meta = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    weights, meta = cache_files(name, recipe, model)
     if weights.exists() and meta.exists() and not retrain:
         model.load_state_dict(load_file(str(weights)))
         info = json.loads(meta.read_text())

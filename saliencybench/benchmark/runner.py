@@ -27,6 +27,7 @@ from ..errors import SaliencyBenchError
 from .config import RunConfig, config_from_dict, part_config
 from .execute import TaskContext
 from .executors import Executor, InProcessExecutor, ProcessExecutor
+from .pretrain import train_missing
 from .provenance import package_versions
 from .store import HeatmapStore, write_atomic
 from .tasks import Unit, iter_tasks, pair_units, plan_units
@@ -280,6 +281,8 @@ def run(config: RunConfig | None = None, *, run_id: str | None = None, resume: s
         path = _new_run_dir(config, run_id)
         ctx.run_id, ctx.run_dir = path.name, path
     ctx.inner_progress = progress and (executor is None or isinstance(executor, InProcessExecutor))
+    train_missing([m for part in ["", *config.parts] for m in part_config(config, part).models
+                   if m not in part_config(config, part).checkpoints], progress=progress)
     units, pairs = plan(config, ctx)
     count = execute(units, ctx, path, executor, progress, stop_after)
     if pairs and (stop_after is None or count < stop_after):  # pair tasks read both models' stored heatmaps
