@@ -209,8 +209,8 @@ def test_cli_builds_the_executor_asked_for():
     from saliencybench.benchmark.executors import ProcessExecutor
     from saliencybench.benchmark.ray_executor import RayExecutor
 
-    def build(*flags):
-        return _executor(_parser().parse_args(["run", *flags]), ProcessExecutor)
+    def build(*flags, cfg=None):
+        return _executor(_parser().parse_args(["run", *flags]), ProcessExecutor, cfg)
 
     assert build() is None and build("--workers", "1") is None
     assert isinstance(build("--workers", "3"), ProcessExecutor) and build("--workers", "3").workers == 3
@@ -218,6 +218,25 @@ def test_cli_builds_the_executor_asked_for():
     assert isinstance(ray_default, RayExecutor) and ray_default.workers is None and ray_default.address is None
     remote = build("--ray-address", "head:6379", "--workers", "8")
     assert isinstance(remote, RayExecutor) and (remote.address, remote.workers) == ("head:6379", 8)
+
+
+def test_the_default_executor_splits_the_cores_for_large_cpu_runs():
+    from saliencybench.benchmark.cli import _executor, _parser
+    from saliencybench.benchmark.config import RunConfig
+    from saliencybench.benchmark.executors import ProcessExecutor, auto_executor, explanations
+    from saliencybench.benchmark.pretrain import available_cores
+
+    default = RunConfig()
+    assert explanations(default) == 32 * 3 * 14 + 16 * 1 * 14 + 16 * 2 * 14  # the main block, the cue and contrast parts
+    assert explanations(RunConfig(n_images=None, parts={})) == 10**6 * 3 * 14
+    for cores, shape in ((1, None), (2, (2, 1)), (3, (3, 1)), (8, (4, 2)), (16, (4, 4))):
+        ex = auto_executor("cpu", cores=cores)
+        assert (ex if ex is None else (ex.workers, ex.threads)) == shape
+    assert auto_executor("cpu", cores=8, work=255) is None and auto_executor("cpu", cores=8, work=256) is not None
+    ex = _executor(_parser().parse_args(["run"]), ProcessExecutor, default)
+    assert (ex is None) == (available_cores() == 1)
+    tiny = RunConfig(n_images=4, models=["resnet10t"], methods=["gradcam", "saliency"], parts={})
+    assert _executor(_parser().parse_args(["run"]), ProcessExecutor, tiny) is None  # a small run stays here
 
 
 def test_bad_executor_arguments(tmp_path, capsys):

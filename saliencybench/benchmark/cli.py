@@ -15,6 +15,7 @@ import sys
 import tempfile
 import traceback
 from pathlib import Path
+from typing import Any
 
 from ..errors import SaliencyBenchError, UnknownNameError
 
@@ -76,8 +77,9 @@ def _parser() -> argparse.ArgumentParser:
                    "--output; flags that change its config are an error")
     r.add_argument("--no-report", action="store_true", help="skip the plots and the HTML report")
     r.add_argument("--workers", type=int, metavar="N",
-                   help="run tasks in N worker processes, one torch thread each (default 1: in this process; "
-                   "with --executor ray: as many as the cluster's CPUs/GPUs hold)")
+                   help="run tasks in N worker processes, one torch thread each; 1: in this process, with "
+                   "progress bars inside long tasks (default: on CPU one process per core, at most 4, with "
+                   "cores / N threads each; on a GPU 1; with --executor ray: as many as the cluster's CPUs/GPUs hold)")
     r.add_argument("--executor", choices=("process", "ray"),
                    help="process: --workers N processes on this machine; ray: Ray actors on a cluster "
                    "(--ray-address) or on a local Ray cluster (default: process)")
@@ -351,7 +353,7 @@ def _width(asked: int | None) -> int:
     return max(100, shutil.get_terminal_size((100, 24)).columns)
 
 
-def _executor(args: argparse.Namespace, process_executor: type):  # -> Executor | None
+def _executor(args: argparse.Namespace, process_executor: type, cfg: Any = None):  # -> Executor | None
     """The executor ``--executor``, ``--workers`` and ``--ray-address`` ask for (None: in this process)."""
     if args.workers is not None and args.workers < 1:
         raise SaliencyBenchError(f"--workers must be >= 1, got {args.workers}")
@@ -362,7 +364,11 @@ def _executor(args: argparse.Namespace, process_executor: type):  # -> Executor 
         return RayExecutor(address=args.ray_address, workers=args.workers)
     if args.ray_address:
         raise SaliencyBenchError("--ray-address needs --executor ray (or no --executor)")
-    return process_executor(args.workers) if (args.workers or 1) > 1 else None
+    if args.workers is None:
+        from .executors import auto_executor, explanations
+
+        return None if cfg is None else auto_executor(cfg.device, work=explanations(cfg))
+    return process_executor(args.workers) if args.workers > 1 else None
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -407,7 +413,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .runner import ProcessExecutor, resolve_run_path, run
 
         cfg = _config(args)
-        executor = _executor(args, ProcessExecutor)
+        executor = _executor(args, ProcessExecutor, cfg)
         resume = resolve_run_path(args.resume, cfg.output) if args.resume else None
         result = run(cfg, run_id=args.run_id, resume=resume, executor=executor, progress=not args.quiet)
         board, csv = write_leaderboard(result)
