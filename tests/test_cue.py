@@ -234,14 +234,16 @@ def test_bad_parameters():
 # ---- recipes and registration ----------------------------------------------------------------------
 
 def test_default_recipe_keys_unchanged():
-    """The synthetic models' cache keys are those of the recipe without the data-set fields."""
+    """The synthetic models' cache keys are those of the recipe without the data-set fields (the
+    training thread count enters it: it changes the weights)."""
     old_fields = ("arch", "size", "n_train", "n_val", "epochs", "batch_size", "lr", "head_lr_scale", "weight_decay",
-                  "seed")
+                  "seed", "threads")
     for recipe in [*DEFAULT_RECIPES.values(), Recipe(arch="synthetic-resnet", epochs=7)]:
         blob = json.dumps({**{k: getattr(recipe, k) for k in old_fields}, "v": 2,
                            "timm": timm.__version__.split(".")[0]}, sort_keys=True)
         assert recipe.key() == hashlib.sha256(blob.encode()).hexdigest()[:12]
     base = Recipe(arch="synthetic-resnet")
+    assert base.threads == 1 and Recipe(arch="synthetic-resnet", threads=2).key() != base.key()
     cue_key = Recipe(arch="synthetic-resnet", dataset="synthetic-cue").key()
     assert len({base.key(), cue_key, CUE_RECIPES["contrast-object-resnet"].key(),
                 CUE_RECIPES["contrast-background-resnet"].key()}) == 4
