@@ -206,7 +206,9 @@ def test_bad_inputs(kwargs, error, text, tmp_path, monkeypatch):
 
 
 def test_cli_errors_exit_2(capsys, tmp_path):
-    for argv, text in ((["--model", "resnet50"], "not a default model"), (["--fractions", "0.5,1.5"], "between 0"),
+    for argv, text in ((["--models", "resnet50"], "not a default model"),
+                       (["--models", "synthetic-resnet", "resnet50"], "not a default model"),
+                       (["--models", "synthetic-resnet", "synthetic-vit", "--run-id", "x"], "one model"), (["--fractions", "0.5,1.5"], "between 0"),
                        (["--fractions", "a"], "numbers"), (["--param", "n_samples=3"], "METHOD.NAME=VALUE")):
         assert main(["roar", "--output", str(tmp_path), "--quiet", *argv]) == 2
         assert text in capsys.readouterr().err
@@ -214,9 +216,15 @@ def test_cli_errors_exit_2(capsys, tmp_path):
 
 def test_cli_tiny_run(capsys, tmp_path, monkeypatch):
     monkeypatch.setitem(roar_mod.DEFAULT_RECIPES, "synthetic-mobilenetv2", dataclasses.replace(TINY, n_train=200))
-    assert main(["roar", "--methods", "saliency", "--fractions", "0.5", "--n-train", "64", "--n-val", "32",
-                 "--param", "saliency.batch_size=16", "--output", str(tmp_path), "--quiet"]) == 0
+    monkeypatch.setitem(roar_mod.DEFAULT_RECIPES, "synthetic-resnet",
+                        dataclasses.replace(TINY, arch="synthetic-resnet", n_train=200))
+    assert main(["roar", "--models", "synthetic-mobilenetv2", "synthetic-resnet", "--methods", "saliency",
+                 "--fractions", "0.5", "--n-train", "64", "--n-val", "32", "--param", "saliency.batch_size=16",
+                 "--output", str(tmp_path), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "| random |" in out and "| saliency |" in out and "roar.png" in out
-    table = pd.read_csv(next(tmp_path.glob("roar-*/roar.csv")))
-    assert (table.n_train == 64).all() and json.loads(table.params[2])["batch_size"] == 16
+    assert "# ROAR on synthetic-mobilenetv2" in out and "# ROAR on synthetic-resnet" in out
+    for model in ("synthetic-mobilenetv2", "synthetic-resnet"):
+        table = pd.read_csv(next(tmp_path.glob(f"roar-{model}-*/roar.csv")))
+        assert (table.model == model).all()
+        assert (table.n_train == 64).all() and json.loads(table.params[2])["batch_size"] == 16

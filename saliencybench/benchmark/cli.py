@@ -135,8 +135,9 @@ def _add_roar_parser(sub: argparse._SubParsersAction) -> None:
     """The ``roar`` subcommand (:mod:`saliencybench.benchmark.roar`)."""
     ro = sub.add_parser("roar", help="ROAR: remove the top pixels by each method's maps, retrain, test (Hooker et al. "
                         "2019)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ro.add_argument("--model", default="synthetic-mobilenetv2", metavar="NAME", help="a default model (it is "
-                    "retrained from its recipe): synthetic-resnet, synthetic-mobilenetv2, synthetic-vgg, synthetic-vit")
+    ro.add_argument("--models", nargs="+", default=["synthetic-mobilenetv2"], metavar="NAME", help="default models "
+                    "(each retrained from its recipe, one ROAR table per model): synthetic-resnet, "
+                    "synthetic-mobilenetv2, synthetic-vgg, synthetic-vit")
     ro.add_argument("--methods", nargs="+", metavar="NAME", help="method names (default: smoothgrad_sq vargrad "
                     "saliency gradcam); the control random is always added")
     ro.add_argument("--fractions", default="0.1,0.3,0.5,0.7,0.9", metavar="F,F", help="fractions of pixels removed, "
@@ -176,12 +177,21 @@ def _roar(args: argparse.Namespace) -> int:
     except ValueError:
         raise SaliencyBenchError(f"--fractions takes numbers separated by commas, got {args.fractions!r}; e.g. "
                                  "--fractions 0.1,0.5,0.9") from None
-    table = roar(args.model, _names(args.methods) or list(DEFAULT_METHODS), fractions, n_train=args.n_train,
-                 n_val=args.n_val, epochs=args.epochs, repeats=args.repeats, seed=args.seed, output=args.output,
-                 run_id=args.run_id, progress=not args.quiet, method_params=params)
-    out = Path(table.attrs["run_dir"])
-    print((out / "roar.md").read_text())
-    print("\n".join(f"saved: {out / n}" for n in ("roar.csv", "roar.md", "roar.png", "roar.svg")))
+    models = list(dict.fromkeys(_names(args.models)))
+    if args.run_id and len(models) > 1:
+        raise SaliencyBenchError("--run-id names one ROAR run: give one model with it, or leave it out (each model "
+                                 "then gets its own id)")
+    from .roar import roar_recipe
+
+    for model in models:  # every model's name is checked before any training
+        roar_recipe(model)
+    for model in models:
+        table = roar(model, _names(args.methods) or list(DEFAULT_METHODS), fractions, n_train=args.n_train,
+                     n_val=args.n_val, epochs=args.epochs, repeats=args.repeats, seed=args.seed, output=args.output,
+                     run_id=args.run_id, progress=not args.quiet, method_params=params)
+        out = Path(table.attrs["run_dir"])
+        print((out / "roar.md").read_text())
+        print("\n".join(f"saved: {out / n}" for n in ("roar.csv", "roar.md", "roar.png", "roar.svg")))
     return 0
 
 
