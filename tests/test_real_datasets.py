@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-import saliencybench.benchmark.real_datasets  # noqa: F401  (registers the data sets)
+import saliencybench.benchmark.coco  # noqa: F401  (registers the data sets)
+import saliencybench.benchmark.real_datasets  # noqa: F401
 from saliencybench.benchmark.datasets import DATASETS, UnreadableImageError, get_dataset
 from saliencybench.errors import BoxClippedWarning, SaliencyBenchError
 

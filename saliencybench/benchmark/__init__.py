@@ -7,7 +7,7 @@ import importlib
 
 def load_all() -> None:
     """Import every module that registers data sets and models (optional ones if installed)."""
-    for mod in ("datasets", "real_datasets", "photos", "models", "lite0", "cue", "cue_models"):
+    for mod in ("datasets", "real_datasets", "coco", "photos", "models", "lite0", "cue", "cue_models"):
         try:
             importlib.import_module(f"{__name__}.{mod}")
         except ModuleNotFoundError as e:
