@@ -30,7 +30,7 @@ from limits import DEVICE, SideBySide, bench_inputs, bench_model, record, rounds
     synced, timed
 from quantus.functions.perturb_func import noisy_linear_imputation
 
-from saliencybench.metrics import road as rd
+rd = importlib.import_module("saliencybench.metrics.road")  # the package attribute `road` is the function
 
 PERCENTAGES = [10, 20, 30, 40, 50, 60, 70, 80, 90]
 FRACTIONS = [p / 100 for p in PERCENTAGES]

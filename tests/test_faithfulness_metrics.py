@@ -246,6 +246,26 @@ def test_road_batches_seeds_and_leaves_the_model(net, data):
     assert pred.shape == (2, 1) and set(pred.flatten().tolist()) <= {0.0, 1.0}
 
 
+def test_road_images_are_the_same_on_one_thread_or_several(data):
+    """The systems are solved on torch's thread count (a fast path): the images are bit-identical."""
+    x, _, heat = data
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = rd.road_perturbations(x, heat, order="both", fractions=(0.1, 0.5, 0.9), noise=0.01, seed=3)
+        torch.set_num_threads(2)
+        two = rd.road_perturbations(x, heat, order="both", fractions=(0.1, 0.5, 0.9), noise=0.01, seed=3)
+    finally:
+        torch.set_num_threads(before)
+    for o in ("morf", "lerf"):
+        assert torch.equal(one[o], two[o])
+    img = x[0].double().numpy()
+    removed = np.flatnonzero(np.arange(img.shape[1] * img.shape[2]) % 3 == 0)
+    serial = rd._impute_into(img, removed, 0.01, np.random.default_rng(5))
+    solved = rd._solutions(img, [removed, removed[:4]])[0]
+    assert np.array_equal(serial, rd._fill(img, removed, solved, 0.01, np.random.default_rng(5)))
+
+
 def test_road_bad_input(net, data):
     x, t, heat = data
     for fractions in ([0.0], [1.0], [0.5, 1.5], [], "0.5", [True]):

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Any
 
@@ -188,19 +189,43 @@ def solve_imputation(image: np.ndarray, is_removed: np.ndarray) -> tuple[np.ndar
     return order, lu.solve(np.ascontiguousarray(rhs))
 
 
-def _impute_into(image: np.ndarray, removed: np.ndarray, noise: float, rng: np.random.Generator) -> np.ndarray:
-    """``image`` Float64[C,H,W] with pixels ``removed`` (Int array) imputed plus N(0, noise^2): a copy.
-    The noise is drawn [C, n] in raster order of the removed pixels."""
+def _solve(image: np.ndarray, removed: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`solve_imputation` of ``image`` Float64[C,H,W] for the pixels ``removed`` (Int array); None if none."""
+    if not len(removed):
+        return None
+    is_removed = np.zeros(image.shape[1] * image.shape[2], dtype=bool)
+    is_removed[removed] = True
+    return solve_imputation(image, is_removed)
+
+
+def _fill(image: np.ndarray, removed: np.ndarray, solution: tuple[np.ndarray, np.ndarray] | None, noise: float,
+          rng: np.random.Generator) -> np.ndarray:
+    """``image`` Float64[C,H,W] with the solved values of ``removed`` plus N(0, noise^2): a copy. The
+    noise is drawn [C, n] in raster order of the removed pixels."""
     c, h, w = image.shape
     flat = image.reshape(c, h * w).copy()
-    if len(removed):
-        is_removed = np.zeros(h * w, dtype=bool)
-        is_removed[removed] = True
-        order, solved = solve_imputation(image, is_removed)
+    if solution is not None:
+        order, solved = solution
         flat[:, order] = solved.T
         if noise:
-            flat[:, np.flatnonzero(is_removed)] += noise * rng.standard_normal((c, len(order)))
+            flat[:, np.sort(removed)] += noise * rng.standard_normal((c, len(order)))
     return flat.reshape(c, h, w)
+
+
+def _impute_into(image: np.ndarray, removed: np.ndarray, noise: float, rng: np.random.Generator) -> np.ndarray:
+    """``image`` Float64[C,H,W] with pixels ``removed`` (Int array) imputed plus N(0, noise^2): a copy."""
+    return _fill(image, removed, _solve(image, removed), noise, rng)
+
+
+def _solutions(image: np.ndarray, sets: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """:func:`_solve` for each removal set, on ``torch.get_num_threads()`` threads (SuperLU releases
+    the GIL while it factors and solves; one thread inside a one-thread worker). Only the speed
+    depends on the threads: each system is solved alone, and the noise is drawn afterwards, in order."""
+    threads = min(torch.get_num_threads(), len(sets))
+    if threads <= 1:
+        return [_solve(image, r) for r in sets]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(lambda r: _solve(image, r), sets))
 
 
 def noisy_linear_impute(images: torch.Tensor, removed: torch.Tensor, *, noise: float = 0.01,
@@ -257,10 +282,12 @@ def _perturbed_images(images: torch.Tensor, heatmaps: torch.Tensor, fractions: S
     counts = [int(h * w * f) for f in fractions]
     ranks = pixel_ranks(heatmaps, seed).cpu().numpy()
     for i, img in enumerate(images.detach().double().cpu().numpy()):
+        sets = {o: _removal_sets(ranks[i], counts, [o]) for o in orders}
+        solved = iter(_solutions(img, [r for o in orders for r in sets[o]]))
         stack = []
         for o in orders:
             rng = np.random.default_rng([seed, i, ORDERS.index(o)])
-            stack += [_impute_into(img, rem, noise, rng) for rem in _removal_sets(ranks[i], counts, [o])]
+            stack += [_fill(img, rem, next(solved), noise, rng) for rem in sets[o]]
         yield torch.from_numpy(np.stack(stack)).to(images.device, images.dtype)
 
 
