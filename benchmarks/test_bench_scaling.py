@@ -14,7 +14,7 @@ Run: ``pytest benchmarks/test_bench_scaling.py --benchmark-only -s``
   time (fixed costs only make the ratio smaller; any superlinear cost makes it
   larger); peak memory flat: peak RSS at 16x within 1.10x of that at 1x.
 - 8 (opt-in, minutes): the embedded default ``saliencybench run`` on a fresh cache
-  (``SALIENCYBENCH_CACHE`` in a temporary directory, so the three default models
+  (``SALIENCYBENCH_CACHE`` in a temporary directory, so the default run's six models
   are trained), wall time of the console script; target <= 300 s.
 """
 

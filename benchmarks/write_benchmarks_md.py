@@ -1,11 +1,11 @@
 """Run the speed benchmarks (issue 4) and write BENCHMARKS.md at the repository root.
 
-Rerun everything, from the repository root (about 7 minutes on 2 CPU cores, 10 with ``--run-default``)::
+Rerun everything, from the repository root (about 17 minutes on 2 CPU cores with ``--run-default``, 13 without)::
 
     .venv/bin/python benchmarks/write_benchmarks_md.py
 
 ``--run-default`` adds the embedded default ``saliencybench run`` on a fresh model
-cache (trains the three default models: many minutes); ``--device cuda`` (or
+cache (trains its six models, side by side: minutes); ``--device cuda`` (or
 ``SB_BENCH_DEVICE=cuda|auto``) runs on the GPU, where the peer targets are the
 CUDA ones; ``--json FILE`` rewrites BENCHMARKS.md from an earlier run's
 pytest-benchmark JSON without running anything; ``-k EXPR`` selects benchmarks.
