@@ -384,3 +384,18 @@ def test_cli_subprocess_never_shows_a_traceback(tmp_path, ckpt):
         out = subprocess.run([sys.executable, "-m", "saliencybench", *argv], capture_output=True, text=True,
                              timeout=300, cwd=tmp_path)
         assert out.returncode == 2 and "Traceback" not in out.stderr and "error:" in out.stderr, out.stderr
+
+
+def test_all_finite_fast_check_equals_the_elementwise_one():
+    from saliencybench.validation import all_finite
+
+    big = torch.full((2, 3, 4, 4), 3e38)  # finite values whose sum overflows: the elementwise check decides
+    assert not torch.isfinite(big.sum()) and all_finite(big)
+    assert all_finite(torch.full((8,), 60000.0, dtype=torch.float16))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.rand(2, 3, 4, 4)
+        x[1, 2, 3, 0] = bad
+        assert not all_finite(x)
+    both = torch.zeros(4)
+    both[0], both[1] = float("inf"), -float("inf")  # sums to NaN: caught
+    assert not all_finite(both) and all_finite(torch.zeros(0))

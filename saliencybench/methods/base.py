@@ -20,7 +20,7 @@ from ..errors import InvalidInputError, NotApplicableError
 from ..modelutil import model_guard, num_classes
 from ..notes import add_note, collect_notes, progress_to, report_progress  # noqa: F401 (part of this module's API)
 from ..registry import Constraint, Registry, check_params, keyword_defaults
-from ..validation import check_images, check_model_inputs, check_targets
+from ..validation import all_finite, check_images, check_model_inputs, check_targets
 
 MethodFn = Callable[..., torch.Tensor]
 
@@ -163,8 +163,8 @@ def explain(
     b, _, h, w = images.shape
     if tuple(heat.shape) != (b, h, w):
         raise RuntimeError(f"method {method!r} returned shape {tuple(heat.shape)}, expected {(b, h, w)}")
-    bad = (~torch.isfinite(heat)).flatten(1).any(1)
-    if bad.any():
+    if not all_finite(heat):
+        bad = (~torch.isfinite(heat)).flatten(1).any(1)
         raise InvalidInputError(
             f"method {method!r} produced NaN or infinite heatmaps for samples "
             f"{bad.nonzero().flatten().tolist()}; check the inputs and the model's outputs for overflow"
