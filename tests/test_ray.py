@@ -233,9 +233,9 @@ def test_the_default_executor_splits_the_cores_for_large_cpu_runs():
         ex = auto_executor("cpu", cores=cores)
         assert (ex if ex is None else (ex.workers, ex.threads)) == shape
     assert auto_executor("cpu", cores=8, work=255) is None and auto_executor("cpu", cores=8, work=256) is not None
-    ex = _executor(_parser().parse_args(["run"]), ProcessExecutor, default)
+    ex = _executor(_parser().parse_args(["run"]), ProcessExecutor, RunConfig(device="cpu"))
     assert (ex is None) == (available_cores() == 1)
-    tiny = RunConfig(n_images=4, models=["resnet10t"], methods=["gradcam", "saliency"], parts={})
+    tiny = RunConfig(n_images=4, models=["resnet10t"], methods=["gradcam", "saliency"], parts={}, device="cpu")
     assert _executor(_parser().parse_args(["run"]), ProcessExecutor, tiny) is None  # a small run stays here
 
 
