@@ -66,8 +66,10 @@ def test_cue_models_count_as_missing_until_verified(tiny):
     assert pretrain.recipe_of("resnet18") is None and pretrain.is_cached("resnet18")
 
 
-def test_train_command_trains_side_by_side(tiny, capsys):
+def test_train_command_trains_side_by_side(tiny, capsys, monkeypatch):
     from saliencybench.benchmark.cli import main
+
+    monkeypatch.setattr(pretrain, "available_cores", lambda: 2)  # any machine: two at a time
 
     assert main(["train", "--models", *tiny]) == 0
     out = capsys.readouterr().out
