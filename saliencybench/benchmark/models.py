@@ -176,21 +176,23 @@ def _release_training_data(recipe: Recipe) -> None:
         _DATA.pop(key, None)
 
 
-def train_default_model(recipe: Recipe, progress: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+def train_default_model(recipe: Recipe, progress: bool = True,
+                        data: tuple[torch.Tensor, ...] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Train a default model from its recipe: (model in eval mode, info with accuracy and time).
 
-    The loop runs on ``recipe.threads`` CPU threads (restored after): float reductions depend on the
+    ``data``: (train images Tensor[N,3,H,W] in [0,1], labels LongTensor[N], held-out images,
+    labels) to train and test on instead of the recipe's own (ROAR's modified images). The loop runs on ``recipe.threads`` CPU threads (restored after): float reductions depend on the
     thread count, so a fixed count makes the weights the same on every machine.
     """
     before = torch.get_num_threads()
     torch.set_num_threads(recipe.threads)
     try:
-        return _train(recipe, progress)
+        return _train(recipe, progress, data)
     finally:
         torch.set_num_threads(before)
 
 
-def _train(recipe: Recipe, progress: bool) -> tuple[nn.Module, dict[str, Any]]:
+def _train(recipe: Recipe, progress: bool, data: tuple[torch.Tensor, ...] | None) -> tuple[nn.Module, dict[str, Any]]:
     torch.manual_seed(recipe.seed)
     g = torch.Generator().manual_seed(recipe.seed)
     model = DEFAULT_ARCHS[recipe.arch](len(recipe.classes()))
@@ -199,7 +201,7 @@ def _train(recipe: Recipe, progress: bool) -> tuple[nn.Module, dict[str, Any]]:
         return ((x - 0.5) / 0.25).contiguous(memory_format=torch.channels_last)
 
     t0 = time.perf_counter()
-    xtr, ytr, xva, yva = _training_data(recipe)
+    xtr, ytr, xva, yva = data if data is not None else _training_data(recipe)
     xtr, xva = norm(xtr), norm(xva)
     model = model.to(memory_format=torch.channels_last)  # channels-last: ~1.2-1.5x faster training on CPU
     head = [p for n, p in model.named_parameters() if n.startswith(_HEAD_PREFIXES)]

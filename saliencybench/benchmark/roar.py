@@ -43,12 +43,11 @@ id (the default is derived from the model, recipe and seed) retrains only the mi
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,29 +97,12 @@ def channel_mean(images: torch.Tensor) -> torch.Tensor:
 
 # ---- retraining with the default models' loop ---------------------------------------------------
 
-@contextlib.contextmanager
-def _training_images(recipe: Recipe, data: tuple[torch.Tensor, ...]) -> Iterator[None]:
-    """Make ``train_default_model(recipe)`` train on ``data`` (train images, labels, val images, labels):
-    its in-process data cache holds them for the recipe's key during the block, and is restored after."""
-    saved = dict(_models._DATA)
-    _models._DATA.clear()
-    _models._DATA[_models._data_key(recipe)] = data
-    try:
-        if _models._training_data(recipe) is not data:
-            raise RuntimeError("models._training_data no longer reads its in-process cache; ROAR cannot retrain")
-        yield
-    finally:
-        _models._DATA.clear()
-        _models._DATA.update(saved)
-
-
 def retrain(recipe: Recipe, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
             progress: bool = False) -> tuple[float, float]:
     """Train ``recipe``'s architecture from scratch on ``train`` = (images Tensor[N,3,H,W] in [0,1],
     labels LongTensor[N]) with the default models' loop (:func:`~.models.train_default_model`: its
     seed, epochs, learning rate, augmentation, normalisation): (top-1 accuracy on ``val``, seconds)."""
-    with _training_images(recipe, (train[0], train[1], val[0], val[1])):
-        _model, info = train_default_model(recipe, progress)
+    _model, info = train_default_model(recipe, progress, data=(train[0], train[1], val[0], val[1]))
     return float(info["val_accuracy"]), float(info["train_seconds"])
 
 
