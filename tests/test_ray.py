@@ -224,7 +224,7 @@ def test_the_default_executor_splits_the_cores_for_large_cpu_runs():
     from saliencybench.benchmark.cli import _executor, _parser
     from saliencybench.benchmark.config import RunConfig
     from saliencybench.benchmark.executors import ProcessExecutor, auto_executor, explanations
-    from saliencybench.benchmark.pretrain import available_cores
+    from saliencybench.benchmark.devices import available_cores
 
     default = RunConfig()
     assert explanations(default) == 32 * 3 * 14 + 16 * 1 * 14 + 16 * 2 * 14  # the main block, the cue and contrast parts

@@ -6,6 +6,7 @@ come back to the CPU. ``auto`` picks CUDA when it is available.
 
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -32,3 +33,11 @@ def resolve_device(name: str) -> torch.device:
             raise DeviceError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} "
                               "CUDA device(s)")
     return torch.device(name)
+
+
+def available_cores() -> int:
+    """CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

@@ -135,8 +135,7 @@ def auto_executor(device: str = "cpu", cores: int | None = None, work: int | Non
     costs seconds); else ``min(cores, 4)`` worker processes with ``cores // workers`` torch
     threads each. Small models use a second core poorly (on 2 cores two one-thread workers finish
     the default run's tasks 1.4x sooner than one two-thread process), so the cores are split."""
-    from .devices import resolve_device
-    from .pretrain import available_cores
+    from .devices import available_cores, resolve_device
 
     if resolve_device(device).type != "cpu" or (work is not None and work < MIN_AUTO_EXPLANATIONS):
         return None

@@ -13,8 +13,8 @@ to be trained in the run itself, with a note.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
-import os
 import time
 import warnings
 from collections.abc import Iterable
@@ -22,6 +22,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any
 
 from .cue_models import CUE_RECIPES, ROLES, VERIFY_IMAGES
+from .devices import available_cores
 from .models import DEFAULT_ARCHS, DEFAULT_RECIPES, Recipe, cache_files
 
 
@@ -41,8 +42,6 @@ def recipe_of(name: str) -> Recipe | None:
 def is_cached(name: str) -> bool:
     """Whether embedded model ``name`` loads from the cache without training (cue and contrast models:
     with their verification record)."""
-    import json
-
     recipe = recipe_of(name)
     if recipe is None:
         return True
@@ -72,14 +71,6 @@ def longest_first(names: list[str]) -> list[str]:
         return r.epochs * r.n_train * (3.0 if "vit" in r.arch else 1.0)
 
     return sorted(names, key=work, reverse=True)
-
-
-def available_cores() -> int:
-    """CPU cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _train_one(name: str, recipe: Recipe, retrain: bool = False) -> dict[str, Any]:

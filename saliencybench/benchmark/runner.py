@@ -281,8 +281,8 @@ def run(config: RunConfig | None = None, *, run_id: str | None = None, resume: s
         path = _new_run_dir(config, run_id)
         ctx.run_id, ctx.run_dir = path.name, path
     ctx.inner_progress = progress and (executor is None or isinstance(executor, InProcessExecutor))
-    train_missing([m for part in ["", *config.parts] for m in part_config(config, part).models
-                   if m not in part_config(config, part).checkpoints], progress=progress)
+    parts = [part_config(config, part) for part in ["", *config.parts]]
+    train_missing([m for c in parts for m in c.models if m not in c.checkpoints], progress=progress)
     units, pairs = plan(config, ctx)
     count = execute(units, ctx, path, executor, progress, stop_after)
     if pairs and (stop_after is None or count < stop_after):  # pair tasks read both models' stored heatmaps
