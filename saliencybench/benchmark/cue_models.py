@@ -196,12 +196,17 @@ def verify(bundle: ModelBundle, role: str, **kwargs: Any) -> dict[str, Any]:
     return verify_contrast_model(bundle, role, **kwargs)
 
 
+def verification_is_current(record: Any, role: str) -> bool:
+    """Whether a cached verification ``record`` is this version's check of ``role`` (else it is recomputed)."""
+    return isinstance(record, dict) and record.get("n_images") == VERIFY_IMAGES and record.get("check") == role
+
+
 def _cached_verification(bundle: ModelBundle, role: str) -> dict[str, Any]:
     """The verification record kept in the model's cache metadata, computed (and written) if missing."""
     meta = Path(bundle.info["weights"]).with_suffix(".json")
     info = json.loads(meta.read_text()) if meta.is_file() else {}
     record = info.get("verification")
-    if not isinstance(record, dict) or record.get("n_images") != VERIFY_IMAGES or record.get("check") != role:
+    if not verification_is_current(record, role):
         record = verify(bundle, role, n_images=VERIFY_IMAGES)
         info["verification"] = record
         tmp = meta.with_suffix(".json.tmp")

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any
 
-from .cue_models import CUE_RECIPES, ROLES, VERIFY_IMAGES
+from .cue_models import CUE_RECIPES, ROLES, verification_is_current
 from .devices import available_cores
 from .models import DEFAULT_ARCHS, DEFAULT_RECIPES, Recipe, cache_files
 
@@ -54,7 +54,7 @@ def is_cached(name: str) -> bool:
         record = json.loads(meta.read_text()).get("verification")
     except (OSError, ValueError):
         return False
-    return isinstance(record, dict) and record.get("n_images") == VERIFY_IMAGES and record.get("check") == ROLES[name]
+    return verification_is_current(record, ROLES[name])
 
 
 def missing_models(names: Iterable[str]) -> list[str]:
