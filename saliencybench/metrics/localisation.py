@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from ..errors import InvalidInputError
 from ..validation import check_boxes, check_heatmaps
@@ -97,6 +96,8 @@ def normalise_heatmaps(heatmaps: torch.Tensor, normalise: str = "minmax") -> tup
 def _component_boxes(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Boxes int[n,4] (x1, y1, x2, y2 exclusive) and pixel counts int[n] of the 8-connected
     components of ``mask[H,W]``, in row-major order of their first pixel."""
+    from scipy import ndimage  # scipy is imported by the metrics that use it, on first use
+
     labels, n = ndimage.label(mask, structure=EIGHT_CONNECTED)
     if n == 0:
         return np.zeros((0, 4), dtype=np.int64), np.zeros(0, dtype=np.int64)
@@ -122,6 +123,8 @@ def _cam_code_erode(fg: np.ndarray) -> np.ndarray:
     scaled by ``255 / max`` and rounded half up (``double_to_image``), kept where > 10.
     A mask without background or without foreground is left as it is (``double_to_image``
     returns early when min == max)."""
+    from scipy import ndimage  # scipy is imported by the metrics that use it, on first use
+
     if fg.all() or not fg.any():
         return fg
     dist = ndimage.distance_transform_edt(fg)

@@ -33,7 +33,6 @@ from functools import lru_cache
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.ndimage import gaussian_filter
 from torch import nn
 
 from ..errors import InvalidInputError
@@ -51,6 +50,8 @@ PAPER = "Petsiuk, Das, Saenko. RISE: Randomized Input Sampling for Explanation o
 @lru_cache(maxsize=8)
 def _rise_kernel(klen: int, sigma: float) -> np.ndarray:
     """RISE's ``gkern``: a centred delta filtered by scipy's gaussian_filter (klen x klen)."""
+    from scipy.ndimage import gaussian_filter  # scipy is imported by the metrics that use it, on first use
+
     delta = np.zeros((klen, klen))
     delta[klen // 2, klen // 2] = 1
     return gaussian_filter(delta, sigma).astype(np.float32)

@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 
 from ..errors import ConstantHeatmapWarning, InvalidInputError
 from ..validation import check_heatmaps, check_masks
@@ -108,6 +107,8 @@ def _warn_constant(flat: torch.Tensor) -> None:
 def _any_tied_hit(heatmaps: torch.Tensor, masks: torch.Tensor, tolerance: float) -> torch.Tensor:
     """Hit Tensor[B] of bool where some tied maximum lies on the mask or at squared distance
     < tolerance^2 of it (distances from the exact nearest mask pixel, scipy's EDT indices)."""
+    from scipy import ndimage  # scipy is imported by the metrics that use it, on first use
+
     flat = heatmaps.flatten(1)
     _warn_constant(flat)
     tied = (heatmaps == flat.amax(1)[:, None, None]).cpu().numpy()

@@ -10,9 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import numpy as np
-import scipy.sparse as sp
 import torch
-from scipy.sparse.linalg import splu
 
 from ..errors import InvalidInputError
 
@@ -86,6 +84,9 @@ def solve_imputation(image: np.ndarray, is_removed: np.ndarray) -> tuple[np.ndar
     (it is symmetric, so its rows are its columns), the right-hand side from eight
     shifted sums of the image with the removed pixels zeroed.
     """
+    import scipy.sparse as sp  # scipy is imported by the metrics that use it, on first use
+    from scipy.sparse.linalg import splu
+
     c, h, w = image.shape
     nbr, wsum, nd = _grid(h, w)
     order = nd[is_removed[nd]]

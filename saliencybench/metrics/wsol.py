@@ -48,7 +48,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from ..errors import InvalidInputError
 from ..validation import check_boxes, check_masks
@@ -61,7 +60,7 @@ IOU_THRESHOLDS = (0.3, 0.5, 0.7)
 _SLICE_8 = np.zeros((3, 3, 3), dtype=bool)
 _SLICE_8[1] = True  # 8-connectivity within a threshold's slice, none across slices
 _SLICE_4 = np.zeros((3, 3, 3), dtype=bool)
-_SLICE_4[1] = ndimage.generate_binary_structure(2, 1)
+_SLICE_4[1] = [[0, 1, 0], [1, 1, 1], [0, 1, 0]]  # 4-connectivity (ndimage.generate_binary_structure(2, 1))
 _CHUNK_PIXELS = 1 << 22  # thresholds labelled together, at most this many pixels
 
 
@@ -118,6 +117,8 @@ def contour_boxes(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     4-connected background components not reaching the image border, their box grown
     by one pixel on each side (the foreground border pixels around the hole).
     """
+    from scipy import ndimage  # scipy is imported by the metrics that use it, on first use
+
     _, h, w = masks.shape
     labels, n = ndimage.label(masks, structure=_SLICE_8)
     t_out, b_out = _label_boxes(labels, n)
