@@ -200,11 +200,20 @@ def test_corrupt_image_is_skipped_and_recorded(tmp_path, checkpoint):
 def test_process_executor_gives_the_same_rows(tmp_path, checkpoint):
     from saliencybench.benchmark.runner import ProcessExecutor
 
+    torch.manual_seed(1)
+    other = tmp_path / "resnet14t.safetensors"
+    save_file(timm.create_model("resnet14t", num_classes=6).state_dict(), str(other))
     cfg = tiny_config(tmp_path, checkpoint, methods=["saliency", "gradcam", "occlusion"],
-                      metrics=["deletion", "pointing_game"], n_images=4, batch_size=2)
+                      metrics=["deletion", "pointing_game", "model_contrast"], n_images=4, batch_size=2,
+                      models=["resnet10t", "resnet14t"], pairs=[["resnet10t", "resnet14t"]],
+                      checkpoints={"resnet10t": str(checkpoint), "resnet14t": str(other)})
     here = run(cfg, run_id="here", progress=False).results
-    there = run(cfg, run_id="there", progress=False, executor=ProcessExecutor(workers=2)).results
-    key = ["model", "method", "metric", "image_id"]
+    executor = ProcessExecutor(workers=2)
+    there = run(cfg, run_id="there", progress=False, executor=executor).results
+    key = ["model", "method", "metric", "image_id", "partner"]
     from conftest import assert_same_rows
 
     assert_same_rows(here, there, tuple(key), rtol=1e-4)
+    assert len(there[there.metric == "model_contrast"]) == 3 * 4
+    # one pool for the units and the pair units that follow them, stopped at the end of the run
+    assert executor.pools_started == 1 and executor._pool is None

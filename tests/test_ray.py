@@ -73,17 +73,47 @@ def same_rows(a: pd.DataFrame, b: pd.DataFrame) -> None:
     assert_same_rows(a, b, tuple(KEY))
 
 
+def gone(pids: set[int], wait_s: float = 20.0) -> bool:
+    """Whether all these processes have exited (polled up to ``wait_s``)."""
+    import time
+
+    end = time.monotonic() + wait_s
+    while time.monotonic() < end:
+        alive = set()
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+                alive.add(pid)
+            except OSError:
+                pass
+        if not alive:
+            return True
+        time.sleep(0.2)
+    return False
+
+
 def test_ray_rows_equal_in_process_rows(tmp_path, checkpoint, ray_cluster):
+    """Two models and their pair: the pair units (run after all others) go to the same actors, which
+    the run stops at its end."""
     from saliencybench.benchmark.ray_executor import RayExecutor
 
-    cfg = tiny_config(tmp_path, checkpoint)
+    torch.manual_seed(1)
+    other = tmp_path / "resnet14t.safetensors"
+    save_file(timm.create_model("resnet14t", num_classes=6).state_dict(), str(other))
+    cfg = tiny_config(tmp_path, checkpoint, models=["resnet10t", "resnet14t"], pairs=[["resnet10t", "resnet14t"]],
+                      metrics=["deletion", "pointing_game", "model_contrast"],
+                      checkpoints={"resnet10t": str(checkpoint), "resnet14t": str(other)})
     here = run(cfg, run_id="here", progress=False).results
     executor = RayExecutor(workers=2)
     there = run(cfg, run_id="there", progress=False, executor=executor).results
     same_rows(here, there)
-    assert len({w["pid"] for w in executor.worker_info}) == 2  # two actors, each with its own process
+    pids = {w["pid"] for w in executor.worker_info}
+    assert len(pids) == 2  # two actors, each with its own process
+    assert executor.starts == 1  # started once for the units and the pair units
     assert set(there.method) == {"saliency", "gradcam", "occlusion"}
-    assert len(list((tmp_path / "there" / "heatmaps").glob("*.safetensors"))) == 6  # 2 shards x 3 methods
+    assert len(there[there.metric == "model_contrast"]) == 3 * 4  # 3 methods x 4 images, on resnet10t
+    assert len(list((tmp_path / "there" / "heatmaps").glob("*.safetensors"))) == 12  # 2 models x 2 shards x 3 methods
+    assert gone(pids)  # the run stopped its actors
     import ray
 
     assert ray.is_initialized()  # the session this process started is left running
@@ -401,3 +431,15 @@ def test_plan_prints_under_100_columns_and_measures_plugins(tmp_path, checkpoint
     assert "cannot be opened" in out and "50,000 images" in out and "box_iou" in out
     assert max(len(line) for line in out.splitlines()) <= 100
     assert main(["plan", str(cfg_file), "--n-images", "0"]) == 2
+
+
+def test_a_worker_imports_no_heavy_module_it_does_not_use():
+    """What every worker process (Ray actor, process pool) imports before its first task: the task
+    code, without scipy.stats (0.4 s), scipy.sparse or matplotlib, which the metrics and reports that
+    use them import on first use."""
+    import subprocess
+
+    code = ("import sys, saliencybench.benchmark.ray_executor, saliencybench.benchmark.executors; "
+            "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('scipy', 'matplotlib'))))")
+    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+    assert not {m for m in loaded if m.startswith(("scipy.stats", "scipy.sparse", "scipy.ndimage", "matplotlib"))}

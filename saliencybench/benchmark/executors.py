@@ -29,6 +29,8 @@ class Executor(Protocol):
 
     def map(self, units: list[Unit], ctx: TaskContext, done: set[str]) -> Iterator[list[TaskDone]]: ...
 
+    # Optional: ``close()``, called by :func:`~.runner.run` at its end, stops workers kept between its map calls.
+
 
 class LostWorkerError(SaliencyBenchError):
     """A worker process died and the pool could not be restarted often enough."""
@@ -67,7 +69,10 @@ class ProcessExecutor:
 
     Only the config and the units cross the process boundary. Shared passes are kept
     per process. Default models are trained (or loaded) in the parent first, so
-    workers only read the cache.
+    workers only read the cache. The processes are kept between the ``map`` calls of
+    one run (its units, then its pair units: a worker's start, importing torch and timm,
+    costs seconds) and stopped by :meth:`close`, which :func:`~.runner.run` calls at its
+    end; a ``map`` for another run, or one stopped early, starts them afresh.
     """
 
     def __init__(self, workers: int = 2, threads: int = 1, max_restarts: int = 3) -> None:
@@ -76,41 +81,73 @@ class ProcessExecutor:
                 raise SaliencyBenchError(f"{name} must be an integer >= 1, got {v!r}")
         self.workers, self.threads, self.max_restarts = workers, threads, max_restarts
         self.restarts = 0
+        self.pools_started = 0
+        self._pool: Any = None
+        self._pool_args: tuple[Any, ...] | None = None
+
+    def _get_pool(self, ctx: TaskContext) -> Any:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        args = (ctx.config.to_dict(), ctx.run_id, str(ctx.run_dir), self.threads)
+        if self._pool is not None and self._pool_args != args:
+            self.close()
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
+                                             initializer=_start_worker, initargs=args)
+            self._pool_args = args
+            self.pools_started += 1
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the worker processes (waiting for the units they are running); a later ``map`` starts new ones."""
+        pool, self._pool, self._pool_args = self._pool, None, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> ProcessExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def map(self, units: list[Unit], ctx: TaskContext, done: set[str]) -> Iterator[list[TaskDone]]:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures import as_completed
         from concurrent.futures.process import BrokenProcessPool
 
         for name in {u.explain.model for u in units}:
             ctx.model(name)
         pending = list(range(len(units)))
         finished: set[int] = set()
-        while pending:
-            pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"), initializer=_start_worker,
-                                       initargs=(ctx.config.to_dict(), ctx.run_id, str(ctx.run_dir), self.threads))
-            futures = {pool.submit(_run_in_worker, units[i], done): i for i in pending}
-            try:
-                for future in as_completed(futures):
-                    done_tasks = future.result()  # raises BrokenProcessPool for the units a dead worker had
-                    finished.add(futures[future])
-                    yield done_tasks
-                pending = []
-            except BrokenProcessPool:
-                lost = [i for i in pending if i not in finished]
-                self.restarts += 1
-                if self.restarts > self.max_restarts:
-                    raise LostWorkerError(
-                        f"a worker process died {self.restarts} times (killed or out of memory); {len(lost)} units "
-                        f"were not finished. Rows already computed are kept: continue with "
-                        f"`saliencybench run --resume {ctx.run_dir}`") from None
-                warnings.warn(f"a worker process died (killed or out of memory); restarting the pool and rerunning "
-                              f"the {len(lost)} unfinished units (restart {self.restarts} of {self.max_restarts})",
-                              RuntimeWarning, stacklevel=2)
-                pending = lost
-                done = done | _finished_keys(ctx)
-            finally:
-                pool.shutdown(wait=True, cancel_futures=True)
+        complete = False
+        try:
+            while pending:
+                pool = self._get_pool(ctx)
+                futures = {pool.submit(_run_in_worker, units[i], done): i for i in pending}
+                try:
+                    for future in as_completed(futures):
+                        done_tasks = future.result()  # raises BrokenProcessPool for the units a dead worker had
+                        finished.add(futures[future])
+                        yield done_tasks
+                    pending = []
+                except BrokenProcessPool:
+                    self.close()
+                    lost = [i for i in pending if i not in finished]
+                    self.restarts += 1
+                    if self.restarts > self.max_restarts:
+                        raise LostWorkerError(
+                            f"a worker process died {self.restarts} times (killed or out of memory); {len(lost)} "
+                            f"units were not finished. Rows already computed are kept: continue with "
+                            f"`saliencybench run --resume {ctx.run_dir}`") from None
+                    warnings.warn(f"a worker process died (killed or out of memory); restarting the pool and "
+                                  f"rerunning the {len(lost)} unfinished units (restart {self.restarts} of "
+                                  f"{self.max_restarts})", RuntimeWarning, stacklevel=2)
+                    pending = lost
+                    done = done | _finished_keys(ctx)
+            complete = True
+        finally:
+            if not complete:  # an error, or the caller stopped early: no unit keeps running after map
+                self.close()
 
 
 MAX_AUTO_WORKERS = 4

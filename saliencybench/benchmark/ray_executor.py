@@ -28,7 +28,9 @@ Cluster. ``address=None`` connects to the session this process already has
 (``ray.init`` called by the user: left running afterwards) or starts a local cluster with
 this machine's cores and shuts it down at the end; an ``address`` (``auto``,
 ``host:6379`` or ``ray://host:10001``) connects to a running cluster and disconnects at
-the end. Ray is imported only here, on first use: without it a clear
+the end. The end is :meth:`RayExecutor.close`, which :func:`~.runner.run` calls when the
+run is over: the actors serve all of a run's ``map`` calls (its units, then its pair
+units), so each worker imports torch and timm and builds its context once per run. Ray is imported only here, on first use: without it a clear
 :class:`RayNotInstalledError` names the extra ``saliencybench[ray]``.
 """
 
@@ -147,7 +149,11 @@ class RayExecutor:
         self.address, self.num_cpus_per_task, self.num_gpus_per_task = address, num_cpus_per_task, num_gpus_per_task
         self.max_retries, self.workers, self.runtime_env = max_retries, workers, runtime_env
         self.worker_info: list[dict[str, Any]] = []
-        self.timings: dict[str, float] = {}  # of the last map(): connect_s (ray.init), start_s (actors ready)
+        self.timings: dict[str, float] = {}  # of the last start: connect_s (ray.init), start_s (actors ready)
+        self.starts = 0  # times the actors were started (once per run, more after a lost cluster)
+        self._actors: list[Any] = []
+        self._actor_args: tuple[Any, ...] | None = None
+        self._owned = False  # this executor started (or connected) Ray and shuts it down in close()
 
     # ---- cluster ----------------------------------------------------------------------------
 
@@ -207,6 +213,16 @@ class RayExecutor:
         threads = max(1, int(self.num_cpus_per_task))
         actors = [actor_cls.remote(ctx.config.to_dict(), ctx.run_id, str(ctx.run_dir), threads, gpus)
                   for _ in range(n)]
+        try:
+            self._check_workers(ray, actors, ctx)
+        except BaseException:
+            for a in actors:
+                with contextlib.suppress(Exception):
+                    ray.kill(a, no_restart=True)
+            raise
+        return actors
+
+    def _check_workers(self, ray: Any, actors: list[Any], ctx: TaskContext) -> None:
         self.worker_info = ray.get([a.info.remote() for a in actors])
         import saliencybench
 
@@ -220,35 +236,66 @@ class RayExecutor:
             if info["version"] != saliencybench.__version__:
                 warnings.warn(f"Ray node {info['host']} runs saliencybench {info['version']}, this driver "
                               f"{saliencybench.__version__}: install the same version everywhere", RuntimeWarning,
-                              stacklevel=3)
-        return actors
+                              stacklevel=4)
 
     # ---- the Executor protocol --------------------------------------------------------------
 
     def map(self, units: list[Unit], ctx: TaskContext, done: set[str]) -> Iterator[list[TaskDone]]:
-        """Run ``units`` on Ray actors; yield each unit's finished tasks as it completes."""
+        """Run ``units`` on Ray actors; yield each unit's finished tasks as it completes.
+
+        The actors (and a cluster this executor started) are kept for the next ``map`` of the
+        same run (its pair units) and stopped by :meth:`close`, which :func:`~.runner.run` calls
+        at its end; an error, or a caller that stops early, stops them at once."""
         if not units:
             return
         assert ctx.run_dir is not None
         ray = import_ray()
-        t0 = time.perf_counter()
-        owned = self._connect(ray)
-        self.timings = {"connect_s": time.perf_counter() - t0}
-        actors: list[Any] = []
+        complete = False
         try:
             for name in {u.explain.model for u in units}:
                 ctx.model(name)  # default models are trained or cached here once; recorded in models.json
-            gpus = self._gpus(ray, ctx.config.device)
-            t0 = time.perf_counter()
-            actors = self._start(ray, ctx, self._n_workers(ray, gpus, len(units)), gpus)
-            self.timings["start_s"] = time.perf_counter() - t0
+            actors = self._actors_for(ray, ctx, len(units))
             yield from self._dispatch(ray, actors, units, done, ctx)
+            complete = True
         finally:
-            for a in actors:
-                with contextlib.suppress(Exception):  # already gone with its node or cluster
-                    ray.kill(a, no_restart=True)
-            if owned:
-                ray.shutdown()
+            if not complete:
+                self.close()
+
+    def _actors_for(self, ray: Any, ctx: TaskContext, n_units: int) -> list[Any]:
+        """The running actors when they were started for this run, else new ones (on a new connection)."""
+        args = (ctx.config.to_dict(), ctx.run_id, str(ctx.run_dir))
+        if self._actors and self._actor_args == args and ray.is_initialized():
+            return self._actors
+        self.close()
+        t0 = time.perf_counter()
+        self._owned = self._connect(ray)
+        self.timings = {"connect_s": time.perf_counter() - t0}
+        gpus = self._gpus(ray, ctx.config.device)
+        t0 = time.perf_counter()
+        self._actors = self._start(ray, ctx, self._n_workers(ray, gpus, n_units), gpus)
+        self._actor_args = args
+        self.timings["start_s"] = time.perf_counter() - t0
+        self.starts += 1
+        return self._actors
+
+    def close(self) -> None:
+        """Stop the actors, and shut Ray down when this executor started or connected it."""
+        actors, self._actors, self._actor_args = self._actors, [], None
+        if not actors and not self._owned:
+            return
+        ray = import_ray()
+        for a in actors:
+            with contextlib.suppress(Exception):  # already gone with its node or cluster
+                ray.kill(a, no_restart=True)
+        if self._owned:
+            self._owned = False
+            ray.shutdown()
+
+    def __enter__(self) -> RayExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _dispatch(self, ray: Any, actors: list[Any], units: list[Unit], done: set[str],
                   ctx: TaskContext) -> Iterator[list[TaskDone]]:

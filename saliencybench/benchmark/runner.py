@@ -284,10 +284,15 @@ def run(config: RunConfig | None = None, *, run_id: str | None = None, resume: s
     parts = [part_config(config, part) for part in ["", *config.parts]]
     train_missing([m for c in parts for m in c.models if m not in c.checkpoints], progress=progress)
     units, pairs = plan(config, ctx)
-    count = execute(units, ctx, path, executor, progress, stop_after)
-    if pairs and (stop_after is None or count < stop_after):  # pair tasks read both models' stored heatmaps
-        execute(pairs, ctx, path, executor, progress, None if stop_after is None else stop_after - count,
-                desc="pairs")
+    try:
+        count = execute(units, ctx, path, executor, progress, stop_after)
+        if pairs and (stop_after is None or count < stop_after):  # pair tasks read both models' stored heatmaps
+            execute(pairs, ctx, path, executor, progress, None if stop_after is None else stop_after - count,
+                    desc="pairs")
+    finally:
+        close = getattr(executor, "close", None)
+        if close is not None:  # its workers served both calls above
+            close()
     result = Run(path, config)
     if report:
         result.report()
