@@ -109,7 +109,7 @@ def test_ray_rows_equal_in_process_rows(tmp_path, checkpoint, ray_cluster):
     same_rows(here, there)
     pids = {w["pid"] for w in executor.worker_info}
     assert len(pids) == 2  # two actors, each with its own process
-    assert executor.starts == 1  # started once for the units and the pair units
+    assert executor.actors_started == 2  # started once for the units and the pair units
     assert set(there.method) == {"saliency", "gradcam", "occlusion"}
     assert len(there[there.metric == "model_contrast"]) == 3 * 4  # 3 methods x 4 images, on resnet10t
     assert len(list((tmp_path / "there" / "heatmaps").glob("*.safetensors"))) == 12  # 2 models x 2 shards x 3 methods
@@ -117,6 +117,45 @@ def test_ray_rows_equal_in_process_rows(tmp_path, checkpoint, ray_cluster):
     import ray
 
     assert ray.is_initialized()  # the session this process started is left running
+
+
+def test_a_held_executor_serves_runs_without_restarting(tmp_path, checkpoint, ray_cluster):
+    """Inside ``with``, the actors outlive each run: the next run (another config, another run
+    directory) rebuilds their context without a new process, and adds an actor when it has work
+    for one more (1 unit, then 2); the block's end stops them."""
+    from saliencybench.benchmark.ray_executor import RayExecutor
+
+    first = tiny_config(tmp_path, checkpoint, methods=["saliency"], metrics=["deletion"], n_images=2)
+    second = tiny_config(tmp_path, checkpoint, methods=["gradcam"], metrics=["pointing_game"], n_images=4)
+    with RayExecutor(workers=2) as executor:
+        a = run(first, run_id="a", progress=False, executor=executor).results
+        first_pids = {w["pid"] for w in executor.worker_info}
+        b = run(second, run_id="b", progress=False, executor=executor).results
+        pids = {w["pid"] for w in executor.worker_info}
+        assert len(first_pids) == 1 and len(pids) == 2 and first_pids < pids
+        assert (executor.actors_started, executor.reuses) == (2, 1)
+    assert gone(pids)
+    same_rows(run(first, run_id="a-here", progress=False).results, a)
+    same_rows(run(second, run_id="b-here", progress=False).results, b)
+    assert set(b.method) == {"gradcam"} and len(b[b.metric == "pointing_game"]) == 4
+
+    # An actor that Ray restarts gets its first constructor arguments (run a's); the call names run b.
+    from saliencybench.benchmark.ray_executor import UnitWorker
+    from saliencybench.benchmark.runner import open_run
+    from saliencybench.benchmark.tasks import plan_units
+
+    run_a, run_b = open_run(tmp_path / "a"), open_run(tmp_path / "b")
+    unit = plan_units(run_b.config, 4)[0]
+    for t in unit.tasks():
+        (run_b.path / "rows" / f"{t.key}.parquet").unlink()
+    threads = torch.get_num_threads()
+    try:
+        worker = UnitWorker((run_a.config.to_dict(), "a", str(run_a.path)), 1, 0.0)
+        reports = worker.run(unit, [], (run_b.config.to_dict(), "b", str(run_b.path)))
+    finally:
+        torch.set_num_threads(threads)
+    assert {r.key for r in reports} == {t.key for t in unit.tasks()}
+    same_rows(open_run(run_b.path).results, b)
 
 
 PLUGIN = '''

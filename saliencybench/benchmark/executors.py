@@ -29,7 +29,8 @@ class Executor(Protocol):
 
     def map(self, units: list[Unit], ctx: TaskContext, done: set[str]) -> Iterator[list[TaskDone]]: ...
 
-    # Optional: ``close()``, called by :func:`~.runner.run` at its end, stops workers kept between its map calls.
+    # Optional: ``finish()``, called by :func:`~.runner.run` at its end, stops the workers kept between its
+    # map calls (unless a ``with`` block holds the executor; ``close()`` stops them in any case).
 
 
 class LostWorkerError(SaliencyBenchError):
@@ -71,8 +72,10 @@ class ProcessExecutor:
     per process. Default models are trained (or loaded) in the parent first, so
     workers only read the cache. The processes are kept between the ``map`` calls of
     one run (its units, then its pair units: a worker's start, importing torch and timm,
-    costs seconds) and stopped by :meth:`close`, which :func:`~.runner.run` calls at its
-    end; a ``map`` for another run, or one stopped early, starts them afresh.
+    costs seconds) and stopped by :meth:`finish`, which :func:`~.runner.run` calls at its
+    end; a ``map`` for another run, or one stopped early, starts them afresh (the pool's
+    initializer fixes a worker's run; :class:`~.ray_executor.RayExecutor` can keep its
+    workers across runs).
     """
 
     def __init__(self, workers: int = 2, threads: int = 1, max_restarts: int = 3) -> None:
@@ -98,6 +101,10 @@ class ProcessExecutor:
             self._pool_args = args
             self.pools_started += 1
         return self._pool
+
+    def finish(self) -> None:
+        """The run is over (called by :func:`~.runner.run`): stop the worker processes."""
+        self.close()
 
     def close(self) -> None:
         """Stop the worker processes (waiting for the units they are running); a later ``map`` starts new ones."""

@@ -72,27 +72,41 @@ def import_ray() -> Any:
     return ray
 
 
-class UnitWorker:
-    """The body of one Ray actor: a :class:`TaskContext` built once, then units run one by one.
+Setup = tuple[dict[str, Any], str, str]  # (config as a dict, run id, run directory): what a worker serves
 
-    Errors while starting (a plug-in that fails to import, an invalid device) are kept and
+
+class UnitWorker:
+    """The body of one Ray actor: a :class:`TaskContext` built for a run, then its units one by one.
+
+    Every call names the run it belongs to (``setup``); the context is rebuilt when that
+    changes, so a held executor's actors serve run after run without importing again, and an
+    actor that Ray restarted (with its first constructor arguments) serves the current run.
+    Errors while building (a plug-in that fails to import, an invalid device) are kept and
     reported by :meth:`info` instead of killing the actor, so the driver can name them.
     """
 
-    def __init__(self, config: dict[str, Any], run_id: str, run_dir: str, threads: int, gpus: float) -> None:
+    def __init__(self, setup: Setup, threads: int, gpus: float) -> None:
         import torch
 
+        torch.set_num_threads(threads)
+        self.gpus = gpus
+        self.setup: Setup | None = None
+        self.prepare(setup)
+
+    def prepare(self, setup: Setup) -> dict[str, Any]:
+        """Build the context for ``setup`` unless it is the one built; then :meth:`info`."""
+        if setup == self.setup:
+            return self.info()
         from .config import config_from_dict
         from .plugins import load_plugins
 
-        self.run_dir = Path(run_dir)
-        self.error = ""
-        torch.set_num_threads(threads)
+        config, run_id, run_dir = setup
+        self.setup, self.run_dir, self.error = setup, Path(run_dir), ""
         try:
             cfg = config_from_dict(config)
-            if gpus and cfg.device.startswith("cuda"):
+            if self.gpus and cfg.device.startswith("cuda"):
                 cfg = config_from_dict({"device": "cuda"}, cfg)  # Ray shows the actor its own GPU(s) only
-            elif not gpus and cfg.device == "auto":
+            elif not self.gpus and cfg.device == "auto":
                 cfg = config_from_dict({"device": "cpu"}, cfg)  # no GPU was scheduled for this worker
             from . import load_all
 
@@ -101,6 +115,7 @@ class UnitWorker:
             self.ctx = TaskContext(cfg, run_id, self.run_dir)
         except Exception as e:  # noqa: BLE001 - reported by info()
             self.error = f"{type(e).__name__}: {e}"
+        return self.info()
 
     def info(self) -> dict[str, Any]:
         """Where this worker runs and whether it can: pid, host, run directory visible, start error."""
@@ -111,8 +126,9 @@ class UnitWorker:
         return {"pid": os.getpid(), "host": socket.gethostname(), "error": self.error,
                 "run_dir_visible": (self.run_dir / "config.json").is_file(), "version": saliencybench.__version__}
 
-    def run(self, unit: Unit, done: list[str]) -> list[TaskDone]:
+    def run(self, unit: Unit, done: list[str], setup: Setup) -> list[TaskDone]:
         """Run the unit's tasks not in ``done`` and not already written (a retried call skips those)."""
+        self.prepare(setup)
         if self.error:
             raise SaliencyBenchError(f"the Ray worker could not start: {self.error}")
         rows = self.run_dir / "rows"
@@ -150,10 +166,13 @@ class RayExecutor:
         self.max_retries, self.workers, self.runtime_env = max_retries, workers, runtime_env
         self.worker_info: list[dict[str, Any]] = []
         self.timings: dict[str, float] = {}  # of the last start: connect_s (ray.init), start_s (actors ready)
-        self.starts = 0  # times the actors were started (once per run, more after a lost cluster)
+        self.actors_started = 0  # in all: a run's map calls share them, a held executor's runs too
+        self.reuses = 0  # runs served by actors started for an earlier run (a held executor)
         self._actors: list[Any] = []
-        self._actor_args: tuple[Any, ...] | None = None
+        self._setup: Setup | None = None
+        self._actor_gpus = 0.0
         self._owned = False  # this executor started (or connected) Ray and shuts it down in close()
+        self._held = False  # inside ``with``: the actors outlive each run until the block ends
 
     # ---- cluster ----------------------------------------------------------------------------
 
@@ -211,10 +230,10 @@ class RayExecutor:
             num_cpus=self.num_cpus_per_task, num_gpus=gpus, max_restarts=self.max_retries,
             max_task_retries=self.max_retries)
         threads = max(1, int(self.num_cpus_per_task))
-        actors = [actor_cls.remote(ctx.config.to_dict(), ctx.run_id, str(ctx.run_dir), threads, gpus)
-                  for _ in range(n)]
+        actors = [actor_cls.remote(self._setup, threads, gpus) for _ in range(n)]
+        self.actors_started += n
         try:
-            self._check_workers(ray, actors, ctx)
+            self._check_workers(ray, [a.info.remote() for a in actors], ctx)
         except BaseException:
             for a in actors:
                 with contextlib.suppress(Exception):
@@ -222,8 +241,9 @@ class RayExecutor:
             raise
         return actors
 
-    def _check_workers(self, ray: Any, actors: list[Any], ctx: TaskContext) -> None:
-        self.worker_info = ray.get([a.info.remote() for a in actors])
+    def _check_workers(self, ray: Any, infos: list[Any], ctx: TaskContext) -> None:
+        """Raise :class:`RayClusterError` naming a worker that cannot serve the run (``infos``: refs of their info)."""
+        self.worker_info = ray.get(infos)
         import saliencybench
 
         for info in self.worker_info:
@@ -262,9 +282,20 @@ class RayExecutor:
                 self.close()
 
     def _actors_for(self, ray: Any, ctx: TaskContext, n_units: int) -> list[Any]:
-        """The running actors when they were started for this run, else new ones (on a new connection)."""
-        args = (ctx.config.to_dict(), ctx.run_id, str(ctx.run_dir))
-        if self._actors and self._actor_args == args and ray.is_initialized():
+        """The running actors (their context rebuilt when they served another run), else new ones."""
+        setup: Setup = (ctx.config.to_dict(), ctx.run_id, str(ctx.run_dir))
+        if self._actors and ray.is_initialized() and self._gpus(ray, ctx.config.device) == self._actor_gpus:
+            if setup != self._setup:
+                t0 = time.perf_counter()
+                self._setup = setup
+                self._check_workers(ray, [a.prepare.remote(setup) for a in self._actors], ctx)
+                more = self._n_workers(ray, self._actor_gpus, n_units) - len(self._actors)
+                if more > 0:  # this run has work for more actors than the last one had
+                    served = self.worker_info
+                    self._actors += self._start(ray, ctx, more, self._actor_gpus)
+                    self.worker_info = served + self.worker_info
+                self.timings = {"connect_s": 0.0, "start_s": time.perf_counter() - t0}
+                self.reuses += 1
             return self._actors
         self.close()
         t0 = time.perf_counter()
@@ -272,15 +303,19 @@ class RayExecutor:
         self.timings = {"connect_s": time.perf_counter() - t0}
         gpus = self._gpus(ray, ctx.config.device)
         t0 = time.perf_counter()
+        self._setup, self._actor_gpus = setup, gpus
         self._actors = self._start(ray, ctx, self._n_workers(ray, gpus, n_units), gpus)
-        self._actor_args = args
         self.timings["start_s"] = time.perf_counter() - t0
-        self.starts += 1
         return self._actors
+
+    def finish(self) -> None:
+        """The run is over (called by :func:`~.runner.run`): :meth:`close` unless a ``with`` block holds this executor."""
+        if not self._held:
+            self.close()
 
     def close(self) -> None:
         """Stop the actors, and shut Ray down when this executor started or connected it."""
-        actors, self._actors, self._actor_args = self._actors, [], None
+        actors, self._actors, self._setup = self._actors, [], None
         if not actors and not self._owned:
             return
         ray = import_ray()
@@ -292,9 +327,12 @@ class RayExecutor:
             ray.shutdown()
 
     def __enter__(self) -> RayExecutor:
+        """Hold the actors (and a cluster this executor starts) for every run inside the block."""
+        self._held = True
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._held = False
         self.close()
 
     def _dispatch(self, ray: Any, actors: list[Any], units: list[Unit], done: set[str],
@@ -307,7 +345,7 @@ class RayExecutor:
         def submit(a: int) -> None:
             i = queue.popleft()
             keys = [t.key for t in units[i].tasks() if t.key in done]
-            in_flight[actors[a].run.remote(units[i], keys)] = (a, i)
+            in_flight[actors[a].run.remote(units[i], keys, self._setup)] = (a, i)
 
         for _ in range(IN_FLIGHT_PER_WORKER):
             for a in range(len(actors)):

@@ -290,9 +290,9 @@ def run(config: RunConfig | None = None, *, run_id: str | None = None, resume: s
             execute(pairs, ctx, path, executor, progress, None if stop_after is None else stop_after - count,
                     desc="pairs")
     finally:
-        close = getattr(executor, "close", None)
-        if close is not None:  # its workers served both calls above
-            close()
+        finish = getattr(executor, "finish", None)
+        if finish is not None:  # its workers served both calls above
+            finish()
     result = Run(path, config)
     if report:
         result.report()
