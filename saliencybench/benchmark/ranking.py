@@ -88,10 +88,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from ..errors import InvalidInputError
 from ..metrics.base import CRITERIA, LEVELS, MetricSpec, Pooled, mean_reduce
+from .ranking_stats import average_ranks, bootstrap_p, holm, walk_letters, wilcoxon_p
 
 METRIC_COLUMNS = ["model", "method", "metric", "criterion", "score", "ci_low", "ci_high", "n", "rank", "group",
                   "p_vs_random", "p_vs_next", "p_vs_random_raw", "p_vs_next_raw", "rank_term", "note"]
@@ -166,62 +166,6 @@ class Ranking:
     ranking: pd.DataFrame
     not_applicable: pd.DataFrame
     missing: pd.DataFrame
-
-
-def holm(p: Sequence[float] | np.ndarray) -> np.ndarray:
-    """Holm (1979) step-down adjusted p values of one family: array like ``p`` (NaN kept, not counted)."""
-    p = np.asarray(p, dtype=float)
-    out = np.full(p.shape, np.nan)
-    ok = np.flatnonzero(np.isfinite(p))
-    order = ok[np.argsort(p[ok], kind="stable")]
-    m = len(order)
-    out[order] = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
-    return out
-
-
-def average_ranks(scores: np.ndarray, higher_is_better: bool) -> np.ndarray:
-    """Ranks (1 = best) along the last axis, exact ties averaged; a row with a NaN is all NaN."""
-    s = np.asarray(scores, dtype=float)
-    return stats.rankdata(-s if higher_is_better else s, method="average", axis=-1, nan_policy="propagate")
-
-
-def letter(i: int) -> str:
-    """The i-th group letter: a..z, then aa, ab, ..."""
-    s = ""
-    i += 1
-    while i:
-        i, r = divmod(i - 1, 26)
-        s = chr(97 + r) + s
-    return s
-
-
-def walk_letters(separated: Sequence[bool]) -> list[str]:
-    """Rule 5: letters of len(separated)+1 methods in rank order; a new letter after each separated pair."""
-    out, k = [letter(0)], 0
-    for sep in separated:
-        k += bool(sep)
-        out.append(letter(k))
-    return out
-
-
-def wilcoxon_p(a: np.ndarray, b: np.ndarray) -> float:
-    """Two-sided paired Wilcoxon signed-rank p of arrays[N] (Pratt zeros; NaN pairs dropped; all equal: 1)."""
-    d = np.asarray(a, float) - np.asarray(b, float)
-    d = d[np.isfinite(d)]
-    if len(d) == 0:
-        return float("nan")
-    if not d.any():
-        return 1.0
-    return float(stats.wilcoxon(d, zero_method="pratt", alternative="two-sided").pvalue)
-
-
-def bootstrap_p(diff: np.ndarray) -> float:
-    """Two-sided paired bootstrap p of differences array[B] (rule 4); NaN resamples dropped."""
-    d = np.asarray(diff, float)
-    d = d[np.isfinite(d)]
-    if len(d) == 0:
-        return float("nan")
-    return float(min(1.0, 2 * min((d <= 0).sum() + 1, (d >= 0).sum() + 1) / (len(d) + 1)))
 
 
 def pools_from_rows(rows: pd.DataFrame, metrics: Iterable[str]) -> dict[tuple[str, str, str], MethodPool]:

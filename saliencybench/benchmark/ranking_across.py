@@ -12,7 +12,7 @@ from scipy import stats
 
 from ..errors import InvalidInputError
 from ..metrics.base import CRITERIA
-from .ranking import letter
+from .ranking_stats import letter
 
 
 def interval_letters(mean_ranks: Sequence[float], cd: float) -> list[str]:

@@ -68,8 +68,9 @@ re-exported here.
 from __future__ import annotations
 
 from ..windows import resolve_window
-from .executing import (MIN_JOBS, PLAN_COST_LIMIT, clean_inputs, format_profile, incremental_occlusion,
-                        occlusion_profile, plan_occlusion, run_occlusion_plan, window_scores)
+from .executing import (MIN_JOBS, PLAN_COST_LIMIT, clean_inputs, incremental_occlusion, plan_occlusion,
+                        run_occlusion_plan, window_scores)
+from .profiling import format_profile, occlusion_profile
 from .planning import (CROP_COST_LIMIT, GROUP_COST, MAX_BUCKETS, MAX_CHUNK_FACTOR, OPEN_BLOCKS, AxisPlan, OcclusionPlan,
                        WindowGroup, build_plan, chunk_size, plan_axis, probe_image)
 from .tracing import IDENTITY, AxisGeometry, ConvRecord, Geometry, Stage, open_blocks, split_stages, trace_stage
