@@ -158,6 +158,32 @@ def test_a_held_executor_serves_runs_without_restarting(tmp_path, checkpoint, ra
     same_rows(open_run(run_b.path).results, b)
 
 
+def test_ray_workers_write_a_url_run_from_their_own_copies(tmp_path, checkpoint, ray_cluster, monkeypatch):
+    """Output on a URL: each worker writes into its own node's copy and uploads; the driver (with another
+    copy, as on another machine) gets the rows from the URL, never the heatmaps."""
+    import shutil
+
+    from saliencybench.benchmark.ray_executor import RayExecutor
+    from saliencybench.benchmark.remote import mirror_dir
+
+    url = f"file://{tmp_path}/shared"
+    workers_copy = mirror_dir(f"{url}/u")  # the workers' cache: the environment the cluster started with
+    monkeypatch.setenv("SALIENCYBENCH_CACHE", str(tmp_path / "driver"))
+    cfg = tiny_config(tmp_path, checkpoint, methods=["saliency", "gradcam"], output=url)
+    try:
+        there = run(cfg, run_id="u", progress=False, executor=RayExecutor(workers=2))
+        here = run(tiny_config(tmp_path, checkpoint, methods=["saliency", "gradcam"]), run_id="here",
+                   progress=False).results
+        same_rows(here, there.results)
+        assert there.path == mirror_dir(f"{url}/u") != workers_copy
+        assert len(list((there.path / "rows").glob("*.parquet"))) == 4 * 3  # 2 shards x 2 methods x 3 tasks
+        assert not (there.path / "heatmaps").exists()
+        assert len(list((tmp_path / "shared" / "u" / "heatmaps").glob("*.safetensors"))) == 4
+        assert len(list((workers_copy / "heatmaps").glob("*.safetensors"))) == 4
+    finally:
+        shutil.rmtree(workers_copy, ignore_errors=True)
+
+
 PLUGIN = '''
 import os, signal
 from pathlib import Path

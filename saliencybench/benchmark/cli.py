@@ -254,8 +254,11 @@ def _applicability(names: list[str] | None, width: int) -> int:
 
 
 def _open(name: str):  # -> Run
+    from .remote import is_url
     from .runner import open_run
 
+    if is_url(name):
+        return open_run(name)
     path = Path(name)
     return open_run(path if path.exists() else Path("results") / name)
 

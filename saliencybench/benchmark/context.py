@@ -57,6 +57,13 @@ class TaskContext:
     imported: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # method -> image id -> map
 
     @property
+    def remote(self) -> Any:  # -> remote.Remote | None
+        """The run's shared copy when its ``output`` is a URL (:mod:`.remote`), else None."""
+        from .remote import remote_of
+
+        return remote_of(self.config.output, self.run_id)
+
+    @property
     def device(self) -> torch.device:
         if self._device is None:
             self._device = resolve_device(self.config.device)

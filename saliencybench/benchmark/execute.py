@@ -276,9 +276,11 @@ class TaskDone:
 
 
 def stored_heat(task: Task, ctx: TaskContext) -> Heat | None:
-    """The explain task's heatmaps read from the store, or None if they are not stored."""
+    """The explain task's heatmaps read from the store (downloaded first from a run URL's shared copy
+    when this machine lacks them), or None if they are not stored."""
     store = HeatmapStore(ctx.run_dir)
-    if not store.has(task.key):
+    if not store.has(task.key) and not (ctx.remote is not None and ctx.remote.get(
+            f"heatmaps/{task.key}.safetensors", store.path(task.key))):
         return None
     ids, maps, meta = store.read(task.key)
     if meta.get("not_applicable"):
@@ -295,8 +297,16 @@ def write_heat(task: Task, ctx: TaskContext, heat: Heat) -> None:
             "method_params": method_params(ctx, task.method, (size, size))}
     if heat.na:
         meta["not_applicable"] = heat.na
-    HeatmapStore(ctx.run_dir).write(task.key, [heat.ids[i] for i in order], [heat.maps[i] for i in order],
-                                    ctx.config.heatmap_dtype, meta)
+    path = HeatmapStore(ctx.run_dir).write(task.key, [heat.ids[i] for i in order], [heat.maps[i] for i in order],
+                                           ctx.config.heatmap_dtype, meta)
+    _share(ctx, path)
+
+
+def _share(ctx: TaskContext, path: Path) -> None:
+    """Upload a file of the run directory to the run URL's shared copy (when the run has one)."""
+    if ctx.remote is not None:
+        assert ctx.run_dir is not None
+        ctx.remote.put(path, path.relative_to(ctx.run_dir).as_posix())
 
 
 def run_unit(unit: Unit, ctx: TaskContext, done: set[str]) -> list[TaskDone]:
@@ -321,10 +331,12 @@ def run_unit(unit: Unit, ctx: TaskContext, done: set[str]) -> list[TaskDone]:
             write_heat(unit.explain, ctx, heat)
         if unit.explain.key not in done:
             _write_rows(rows, rows_dir / f"{unit.explain.key}.parquet")
+            _share(ctx, rows_dir / f"{unit.explain.key}.parquet")
             reports.append(TaskDone(unit.explain.key, unit.explain.label(), len(rows), time.perf_counter() - t0))
     for t in todo_scores:
         t0 = time.perf_counter()
         rows = run_score(t, ctx, heat)
         _write_rows(rows, rows_dir / f"{t.key}.parquet")
+        _share(ctx, rows_dir / f"{t.key}.parquet")
         reports.append(TaskDone(t.key, t.label(), len(rows), time.perf_counter() - t0))
     return reports

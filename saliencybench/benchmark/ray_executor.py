@@ -6,9 +6,10 @@ worker. Each actor imports the run's plug-ins, builds one
 :class:`~.execute.TaskContext` (models, data set, device, shared passes) and then runs
 units (an explain task and its score tasks, :class:`~.tasks.Unit`) with
 :func:`~.execute.run_unit`, which writes each finished task's rows and heatmaps into the
-run directory itself (atomically). The run directory must therefore be one path that every
-node sees: a shared file system (NFS, Lustre, a mounted bucket); fsspec/pyarrow URLs
-(``s3://...``) are not supported as the output.
+run directory itself (atomically). The run directory is either one path that every node
+sees (a shared file system: NFS, Lustre, a mounted bucket) or an fsspec URL (``s3://``,
+``gs://``, ``az://``, ``file://``): then every node keeps its own copy and each task
+uploads its files to the URL as it finishes (:mod:`.remote`).
 
 Scheduling. Each actor holds ``num_cpus_per_task`` CPUs and ``num_gpus_per_task`` GPUs
 (default: one GPU when the config's device is CUDA, or ``auto`` on a cluster with GPUs) and
@@ -48,6 +49,7 @@ from typing import Any
 from ..errors import SaliencyBenchError
 from .execute import TaskContext, TaskDone, run_unit
 from .executors import LostWorkerError
+from .remote import mirror_dir, remote_of, task_uploaded
 from .tasks import Unit
 
 IN_FLIGHT_PER_WORKER = 2
@@ -101,9 +103,13 @@ class UnitWorker:
         from .plugins import load_plugins
 
         config, run_id, run_dir = setup
-        self.setup, self.run_dir, self.error = setup, Path(run_dir), ""
+        self.setup, self.run_dir, self.error, self.remote = setup, Path(run_dir), "", None
         try:
             cfg = config_from_dict(config)
+            self.remote = remote_of(cfg.output, run_id)
+            if self.remote is not None:  # a run URL: this node's own copy, filled and uploaded by the tasks
+                self.run_dir = mirror_dir(self.remote.url)
+                (self.run_dir / "rows").mkdir(parents=True, exist_ok=True)
             if self.gpus and cfg.device.startswith("cuda"):
                 cfg = config_from_dict({"device": "cuda"}, cfg)  # Ray shows the actor its own GPU(s) only
             elif not self.gpus and cfg.device == "auto":
@@ -123,8 +129,10 @@ class UnitWorker:
 
         import saliencybench
 
+        visible = self.remote.exists("config.json") if self.remote is not None else (
+            self.run_dir / "config.json").is_file()
         return {"pid": os.getpid(), "host": socket.gethostname(), "error": self.error,
-                "run_dir_visible": (self.run_dir / "config.json").is_file(), "version": saliencybench.__version__}
+                "run_dir_visible": visible, "version": saliencybench.__version__}
 
     def run(self, unit: Unit, done: list[str], setup: Setup) -> list[TaskDone]:
         """Run the unit's tasks not in ``done`` and not already written (a retried call skips those)."""
@@ -132,7 +140,8 @@ class UnitWorker:
         if self.error:
             raise SaliencyBenchError(f"the Ray worker could not start: {self.error}")
         rows = self.run_dir / "rows"
-        finished = set(done) | {t.key for t in unit.tasks() if (rows / f"{t.key}.parquet").is_file()}
+        finished = set(done) | {t.key for t in unit.tasks() if (rows / f"{t.key}.parquet").is_file() or (
+            self.remote is not None and task_uploaded(self.remote, t.key))}
         return run_unit(unit, self.ctx, finished)
 
 
@@ -250,9 +259,11 @@ class RayExecutor:
             if info["error"]:
                 raise RayClusterError(f"a Ray worker on {info['host']} could not start: {info['error']}")
             if not info["run_dir_visible"]:
+                where = ctx.remote.url if ctx.remote is not None else ctx.run_dir
                 raise RayClusterError(
-                    f"the run directory {ctx.run_dir} is not visible on Ray node {info['host']}: put --output on "
-                    "storage every node mounts at the same path (fsspec URLs are not supported)")
+                    f"the run directory {where} is not visible on Ray node {info['host']}: put --output on "
+                    "storage every node mounts at the same path, or give it as a URL every node can reach "
+                    "(s3://, gs://, ...)")
             if info["version"] != saliencybench.__version__:
                 warnings.warn(f"Ray node {info['host']} runs saliencybench {info['version']}, this driver "
                               f"{saliencybench.__version__}: install the same version everywhere", RuntimeWarning,

@@ -75,6 +75,8 @@ def write_leaderboard(run: Run, board: Board | None = None) -> tuple[Board, Path
     md = render_markdown(board)
     md += "\n## Settings\n\n" + _settings_md(board) + "\n"
     (run.path / "leaderboard.md").write_text(md)
+    if run.remote is not None:
+        run.remote.push_outputs(run.path)
     return board, run.path / "leaderboard.csv"
 
 
@@ -324,6 +326,8 @@ def write_report(run: Run | str | Path, board: Board | None = None) -> Path:
             + "\n".join(body) + "</body></html>")
     path = run.path / "report.html"
     path.write_text(page)
+    if run.remote is not None:
+        run.remote.push_outputs(run.path)
     return path
 
 

@@ -29,6 +29,7 @@ from .execute import TaskContext
 from .executors import Executor, InProcessExecutor, ProcessExecutor
 from .pretrain import train_missing
 from .provenance import package_versions
+from .remote import is_url, mirror_dir, remote_for, remote_of, run_url
 from .store import HeatmapStore, write_atomic
 from .tasks import Unit, iter_tasks, pair_units, plan_units
 from .validate import check_run_id, config_diff, validate
@@ -75,6 +76,11 @@ class Run:
         return self.path.name
 
     @property
+    def remote(self) -> Any:  # -> remote.Remote | None
+        """The run's shared copy when its ``output`` is a URL (:mod:`.remote`), else None."""
+        return remote_of(self.config.output, self.run_id)
+
+    @property
     def results(self) -> pd.DataFrame:
         """All result rows written so far (long format); unreadable row files are skipped with a warning."""
         rows, bad = read_rows(self.path)
@@ -89,7 +95,10 @@ class Run:
         when all maps share one shape, else a list of Tensors[H_i,W_i]."""
         import torch
 
-        ids, maps = HeatmapStore(self.path).select(model, method)
+        store = HeatmapStore(self.path)
+        if self.remote is not None:
+            self.remote.fetch_heatmaps(store, model, method)
+        ids, maps = store.select(model, method)
         if not ids:
             raise SaliencyBenchError(f"no stored heatmaps for model {model!r} and method {method!r} in {self.path} "
                                      "(was the run made with store_heatmaps: false, or are the names misspelt?)")
@@ -127,7 +136,10 @@ class Run:
 
 
 def open_run(path: str | Path) -> Run:
-    """Open an existing run directory (its path)."""
+    """Open an existing run directory (its path), or a run URL (its config, models and rows are
+    downloaded into this machine's copy first, :mod:`.remote`)."""
+    if is_url(path):
+        path = pull_run(str(path))
     path = Path(path)
     cfg_file = path / "config.json"
     if not path.is_dir():
@@ -150,8 +162,24 @@ def open_run(path: str | Path) -> Run:
     return Run(path, config)
 
 
+def pull_run(url: str) -> Path:
+    """This machine's copy of the run at ``url``, with its config, models and rows downloaded."""
+    remote = remote_for(url.rstrip("/"))
+    if not remote.exists("config.json"):
+        raise RunDirectoryError(f"{url!r} is not a saliencybench run (no config.json there)")
+    local = mirror_dir(remote.url)
+    (local / "rows").mkdir(parents=True, exist_ok=True)
+    remote.pull(local)
+    return local
+
+
 def resolve_run_path(resume: str | Path, output: str | Path) -> Path:
-    """``resume`` as given when it is an existing directory, else the run id inside ``output``."""
+    """``resume`` as given when it is an existing directory (or a run URL: this machine's copy of
+    it), else the run id inside ``output`` (a directory or a URL)."""
+    if is_url(resume):
+        return pull_run(str(resume))
+    if is_url(output) and "/" not in str(resume):
+        return pull_run(run_url(str(output), check_run_id(str(resume))))
     p = Path(resume)
     if p.is_dir():
         return p
@@ -166,20 +194,34 @@ def resolve_run_path(resume: str | Path, output: str | Path) -> Path:
 def _new_run_dir(config: RunConfig, run_id: str | None) -> Path:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_id = check_run_id(run_id) if run_id is not None else f"{stamp}-{config.key()[:6]}"
+    if is_url(config.output):
+        url = run_url(config.output, run_id)
+        if remote_for(url).exists("config.json"):
+            raise RunDirectoryError(f"run {url!r} already exists; use --resume {url}")
+        path = mirror_dir(url)
+        shutil.rmtree(path, ignore_errors=True)  # a copy left by an earlier run of that name, gone from the URL
+        return _write_run_dir(path, config, url)
     out = Path(config.output)
     if out.exists() and not out.is_dir():
         raise RunDirectoryError(f"--output {str(out)!r} exists and is not a directory; choose another path")
     path = out / run_id
     if (path / "config.json").exists():
         raise RunDirectoryError(f"run directory {str(path)!r} already exists; use --resume {path}")
+    return _write_run_dir(path, config, str(path))
+
+
+def _write_run_dir(path: Path, config: RunConfig, where: str) -> Path:
     try:
         (path / "rows").mkdir(parents=True, exist_ok=True)
         write_json_atomic(path / "config.json", {
             "config": config.to_dict(), "config_key": config.key(), "versions": package_versions(),
             "started": dt.datetime.now().isoformat(timespec="seconds")})
     except OSError as e:
-        raise RunDirectoryError(f"cannot create the run directory {str(path)!r} ({e.strerror or e}); choose a "
+        raise RunDirectoryError(f"cannot create the run directory {where!r} ({e.strerror or e}); choose a "
                                 "writable --output") from None
+    remote = remote_of(config.output, path.name)
+    if remote is not None:
+        remote.put(path / "config.json", "config.json")
     return path
 
 
@@ -221,6 +263,9 @@ def finished_tasks(path: Path) -> set[str]:
 def execute(units: list[Unit], ctx: TaskContext, path: Path, executor: Executor | None, progress: bool,
             stop_after: int | None, desc: str = "tasks") -> int:
     """Run the unfinished tasks of ``units``; returns how many finished in this call."""
+    remote = ctx.remote
+    if remote is not None:  # rows another machine finished since this copy was made
+        remote.pull(path)
     done = finished_tasks(path)
     total = sum(1 for _ in iter_tasks(units))
     todo_units = [u for u in units if any(t.key not in done for t in u.tasks())]
@@ -230,6 +275,8 @@ def execute(units: list[Unit], ctx: TaskContext, path: Path, executor: Executor 
     try:
         for reports in (executor or InProcessExecutor()).map(todo_units, ctx, done):
             for r in reports:
+                if remote is not None and not (path / "rows" / f"{r.key}.parquet").is_file():
+                    remote.get(f"rows/{r.key}.parquet", path / "rows" / f"{r.key}.parquet")  # from another node
                 bar.update(1)
                 bar.set_postfix_str(r.label, refresh=False)
                 count += 1
@@ -238,6 +285,8 @@ def execute(units: list[Unit], ctx: TaskContext, path: Path, executor: Executor 
     finally:
         bar.close()
         write_models_json(path, ctx)
+        if remote is not None:
+            remote.put(path / "models.json", "models.json")
     return count
 
 

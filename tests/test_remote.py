@@ -1,0 +1,130 @@
+"""Runs whose output is an fsspec URL (here ``file://``, the same code path as s3:// or gs://):
+the shared copy holds every file, a second machine (another local copy) opens, scores and
+resumes the run from the URL alone, and bad URLs get clear errors."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from saliencybench.benchmark.cli import main
+from saliencybench.benchmark.config import config_from_dict
+from saliencybench.benchmark.remote import Remote, RemoteStorageError, mirror_dir, remote_for
+from saliencybench.benchmark.runner import open_run, run
+
+KEY = ("model", "method", "metric", "image_id", "metric_params", "stage")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "resnet10t.safetensors"
+    save_file(timm.create_model("resnet10t", num_classes=6).state_dict(), str(path))
+    return path
+
+
+def config(output: str, checkpoint: Path, **kw):
+    base = dict(models=["resnet10t"], methods=["saliency", "gradcam"], metrics=["deletion", "pointing_game"],
+                dataset_params={"size": 64}, image_size=64, n_images=4, batch_size=2, device="cpu", inspect=[],
+                checkpoints={"resnet10t": str(checkpoint)}, metric_params={"deletion": {"n_steps": 4}})
+    return config_from_dict({**base, **kw, "output": output})
+
+
+def machine(monkeypatch, tmp_path: Path, name: str) -> Path:
+    """Act as another machine: its own cache, so its own copy of every run URL."""
+    root = tmp_path / name
+    monkeypatch.setenv("SALIENCYBENCH_CACHE", str(root))
+    return root
+
+
+def same_rows(a, b, rtol: float = 1e-5) -> None:
+    from conftest import assert_same_rows
+
+    assert_same_rows(a, b, KEY, rtol=rtol)
+
+
+def test_a_url_run_shares_every_file_and_opens_elsewhere(tmp_path, checkpoint, monkeypatch, capsys):
+    here = run(config(str(tmp_path / "local"), checkpoint), run_id="r", progress=False).results
+    url = f"file://{tmp_path}/shared"
+    first = machine(monkeypatch, tmp_path, "first")
+    r = run(config(url, checkpoint), run_id="r", progress=False, report=True)
+    assert r.path == mirror_dir(f"{url}/r") and r.path.is_relative_to(first)
+    same_rows(here, r.results)
+    shared = tmp_path / "shared" / "r"
+    for name in ("config.json", "models.json", "leaderboard.csv", "ranking.csv", "report.html",
+                 "plots/bar_deletion.png"):
+        assert (shared / name).is_file(), name
+    local_rows = {p.name for p in (r.path / "rows").glob("*.parquet")}
+    assert {p.name for p in (shared / "rows").glob("*.parquet")} == local_rows and len(local_rows) == 12
+    assert len(list((shared / "heatmaps").glob("*.safetensors"))) == 4  # 2 shards x 2 methods
+    assert not list(shared.rglob(".*.tmp"))  # every upload renamed into place
+
+    machine(monkeypatch, tmp_path, "second")
+    there = open_run(f"{url}/r")
+    assert there.path != r.path and not (there.path / "heatmaps").exists()  # rows only, not the heatmaps
+    same_rows(here, there.results)
+    ids, maps = there.heatmaps("resnet10t", "gradcam")
+    ids0, maps0 = r.heatmaps("resnet10t", "gradcam")
+    assert ids == ids0 and torch.equal(maps, maps0)
+    assert len(list((there.path / "heatmaps").glob("*.safetensors"))) == 2  # only gradcam's, found by header
+    assert main(["leaderboard", f"{url}/r"]) == 0
+    assert "gradcam" in capsys.readouterr().out
+
+
+def test_a_url_run_resumes_on_another_machine(tmp_path, checkpoint, monkeypatch):
+    cfg_local = config(str(tmp_path / "local"), checkpoint, metrics=["deletion", "pointing_game", "model_contrast"],
+                       models=["resnet10t", "resnet14t"], pairs=[["resnet10t", "resnet14t"]],
+                       checkpoints={"resnet10t": str(checkpoint), "resnet14t": str(tmp_path / "b.safetensors")})
+    torch.manual_seed(1)
+    save_file(timm.create_model("resnet14t", num_classes=6).state_dict(), str(tmp_path / "b.safetensors"))
+    full = run(cfg_local, run_id="full", progress=False).results
+    url = f"file://{tmp_path}/shared"
+    cfg = config_from_dict({**cfg_local.to_dict(), "output": url})
+    machine(monkeypatch, tmp_path, "first")
+    part = run(cfg, run_id="p", progress=False, stop_after=5)
+    done_first = {p.name for p in (tmp_path / "shared" / "p" / "rows").glob("*.parquet")}
+    assert 5 <= len(done_first) < 24
+    machine(monkeypatch, tmp_path, "second")  # the first machine's copy is never read again
+    shutil.rmtree(part.path)
+    from saliencybench.benchmark.executors import ProcessExecutor
+
+    resumed = run(cfg, resume=f"{url}/p", progress=False, executor=ProcessExecutor(workers=2))  # they upload too
+    same_rows(full, resumed.results, rtol=1e-4)  # worker processes run one torch thread
+    assert len(resumed.results[resumed.results.metric == "model_contrast"]) == 2 * 4
+    # the tasks the first machine finished were not redone: their row files are the same files
+    assert {p.name for p in (tmp_path / "shared" / "p" / "rows").glob("*.parquet")} >= done_first
+    with pytest.raises(Exception, match="already exists"):
+        run(cfg, run_id="p", progress=False)
+
+
+def test_bad_urls_are_named(tmp_path, checkpoint, capsys):
+    with pytest.raises(RemoteStorageError, match="nosuchfs"):
+        Remote("nosuchfs://bucket/run")
+    assert main(["run", "--output", "nosuchfs://bucket/x", "--models", "resnet10t", "--n-images", "2",
+                 "--quiet"]) != 0
+    err = capsys.readouterr().err
+    assert "nosuchfs" in err and "Traceback" not in err
+    with pytest.raises(Exception, match="not a saliencybench run"):
+        open_run(f"file://{tmp_path}/nothing-here")
+    remote = remote_for(f"file://{tmp_path}/shared/x")
+    (tmp_path / "shared" / "x" / "rows").mkdir(parents=True)
+    (tmp_path / "shared" / "x" / "rows" / ".a.parquet.123.tmp").write_bytes(b"partial")
+    assert remote.names("rows") == set()  # an upload in progress is not a finished task
+
+
+def test_a_run_on_an_object_store_file_system(tmp_path, checkpoint, monkeypatch):
+    """fsspec's in-memory file system: no directories, no POSIX rename; the same files and rows."""
+    here = run(config(str(tmp_path / "local"), checkpoint), run_id="m", progress=False).results
+    url = "memory://saliencybench-test/out"
+    machine(monkeypatch, tmp_path, "first")
+    run(config(url, checkpoint), run_id="m", progress=False)
+    remote = remote_for(f"{url}/m")
+    assert len(remote.names("rows")) == 12 and len(remote.names("heatmaps")) == 4
+    machine(monkeypatch, tmp_path, "second")
+    same_rows(here, open_run(f"{url}/m").results)
+    remote.fs.rm(remote.root, recursive=True)
