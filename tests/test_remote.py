@@ -74,6 +74,12 @@ def test_a_url_run_shares_every_file_and_opens_elsewhere(tmp_path, checkpoint, m
     assert len(list((there.path / "heatmaps").glob("*.safetensors"))) == 2  # only gradcam's, found by header
     assert main(["leaderboard", f"{url}/r"]) == 0
     assert "gradcam" in capsys.readouterr().out
+    # scoring more metrics from this machine: maps fetched from the URL, new rows and the record uploaded
+    assert main(["score", f"{url}/r", "--metrics", "sparseness", "--no-report", "--quiet"]) == 0
+    assert len(list((shared / "rows").glob("*.parquet"))) == 12 + 4
+    assert "sparseness" in (shared / "config.json").read_text()
+    machine(monkeypatch, tmp_path, "third")
+    assert set(open_run(f"{url}/r").results.metric) >= {"sparseness", "deletion"}
 
 
 def test_a_url_run_resumes_on_another_machine(tmp_path, checkpoint, monkeypatch):

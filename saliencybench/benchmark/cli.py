@@ -71,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="load MODEL's weights from FILE (safetensors or torch state dict); repeatable")
     r.add_argument("--plugin", action="append", default=[], metavar="FILE",
                    help="Python file registering methods/metrics, imported first; repeatable")
-    r.add_argument("--output", metavar="DIR", help="parent directory of run directories (default results)")
+    r.add_argument("--output", metavar="DIR", help="parent directory of run directories (default results), or a "
+                   "URL (s3://bucket/results; any fsspec scheme)")
     r.add_argument("--run-id", metavar="ID", help="name of the run directory (default: time stamp and config hash)")
     r.add_argument("--resume", metavar="RUN", help="continue an interrupted run: its directory, or its id inside "
                    "--output; flags that change its config are an error")

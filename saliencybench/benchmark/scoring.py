@@ -65,6 +65,8 @@ def score_run(run: Run, metrics: list[str], *, methods: list[str] | None = None,
     if not same:  # a resumed `score` does not record itself twice
         meta.setdefault("scored", []).append(record)
         write_json_atomic(meta_file, meta)
+        if run.remote is not None:
+            run.remote.put(meta_file, "config.json")
     execute(units, ctx, run.path, executor, progress, stop_after, desc="score")
     return run
 
