@@ -134,3 +134,32 @@ def test_a_run_on_an_object_store_file_system(tmp_path, checkpoint, monkeypatch)
     machine(monkeypatch, tmp_path, "second")
     same_rows(here, open_run(f"{url}/m").results)
     remote.fs.rm(remote.root, recursive=True)
+
+
+def test_a_failed_upload_is_retried_on_resume(tmp_path, checkpoint, monkeypatch):
+    """The third upload fails: the run stops with a clear error, the file stays in the local copy, and
+    the resumed run uploads it before anything else (no task recomputed, none missing on the URL)."""
+    url = f"file://{tmp_path}/shared"
+    machine(monkeypatch, tmp_path, "first")
+    cfg = config(url, checkpoint)
+    calls, put = [], Remote.put
+
+    def flaky(self, local, rel):
+        calls.append(rel)
+        if len(calls) == 3:
+            raise RemoteStorageError(f"simulated network failure uploading {rel}")
+        return put(self, local, rel)
+
+    monkeypatch.setattr(Remote, "put", flaky)
+    with pytest.raises(RemoteStorageError, match="simulated"):
+        run(cfg, run_id="f", progress=False)
+    lost = calls[2]
+    shared = tmp_path / "shared" / "f"
+    assert not (shared / lost).exists() and (mirror_dir(f"{url}/f") / lost).is_file()
+    monkeypatch.setattr(Remote, "put", put)
+    resumed = run(cfg, resume=f"{url}/f", progress=False)
+    assert (shared / lost).is_file()
+    assert {p.name for p in (shared / "rows").glob("*.parquet")} == {p.name for p in (resumed.path / "rows").glob(
+        "*.parquet")} and len(list((shared / "rows").glob("*.parquet"))) == 12
+    same_rows(run(config(str(tmp_path / "local"), checkpoint), run_id="f", progress=False).results,
+              open_run(f"{url}/f").results)

@@ -196,6 +196,7 @@ def test_oracle_is_told_from_random(tmp_path, monkeypatch):
     (dict(method_params={"vargrad": {"n_samples": 4}}), SaliencyBenchError, "not among the methods"),
     (dict(method_params={"saliency": {"nope": 1}}), InvalidInputError, "nope"),
     (dict(heatmaps={"mine": (torch.zeros(3, 64, 64), torch.zeros(3, 64, 64))}), InvalidInputError, "shapes"),
+    (dict(output="s3://bucket/results"), InvalidInputError, "local directory"),
 ])
 def test_bad_inputs(kwargs, error, text, tmp_path, monkeypatch):
     monkeypatch.setattr(roar_mod, "default_model", lambda *a, **k: pytest.fail("checked too late"))

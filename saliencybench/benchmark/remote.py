@@ -151,6 +151,19 @@ class Remote:
                 if name.endswith(".parquet"):
                     self.get(f"rows/{name}", local / "rows" / name)
 
+    def push_missing(self, local: Path) -> int:
+        """Upload the task files of the local copy that the URL lacks (left by an upload that failed
+        before the run stopped), heatmaps first; returns how many."""
+        n = 0
+        for sub, suffix in (("heatmaps", ".safetensors"), ("rows", ".parquet")):
+            if (local / sub).is_dir():
+                have = self.names(sub)
+                for p in sorted((local / sub).glob(f"*{suffix}")):
+                    if p.name not in have:
+                        self.put(p, f"{sub}/{p.name}")
+                        n += 1
+        return n
+
     def push_outputs(self, local: Path) -> None:
         """Upload every file of the local copy outside ``rows/`` and ``heatmaps/`` (config, models,
         leaderboard, report, plots)."""

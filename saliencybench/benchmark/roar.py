@@ -229,6 +229,11 @@ def roar(model: str = "synthetic-mobilenetv2", methods: Sequence[str] = DEFAULT_
     recipe, recipe_key, fill, versions``. Writes ``roar.csv``, ``roar.md`` and ``roar.png`` / ``.svg``
     under ``<output>/roar-<run_id>/`` (``table.attrs["run_dir"]``).
     """
+    from .remote import is_url
+
+    if is_url(output):
+        raise InvalidInputError(f"roar writes its cells and maps to a local directory, not {output!r}: give --output "
+                                "a local or mounted directory and copy roar-<id>/ to the URL afterwards")
     recipe = roar_recipe(model, n_train, n_val, epochs, recipe)
     given = dict(heatmaps or {})
     names = [RANDOM, *[m for m in dict.fromkeys([*methods, *given]) if m != RANDOM]]

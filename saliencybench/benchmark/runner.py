@@ -264,7 +264,8 @@ def execute(units: list[Unit], ctx: TaskContext, path: Path, executor: Executor 
             stop_after: int | None, desc: str = "tasks") -> int:
     """Run the unfinished tasks of ``units``; returns how many finished in this call."""
     remote = ctx.remote
-    if remote is not None:  # rows another machine finished since this copy was made
+    if remote is not None:  # files an upload left behind here, then rows other machines finished
+        remote.push_missing(path)
         remote.pull(path)
     done = finished_tasks(path)
     total = sum(1 for _ in iter_tasks(units))
