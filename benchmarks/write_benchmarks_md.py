@@ -223,7 +223,7 @@ def machine(data: dict) -> list[str]:
 
 def settings(data: dict) -> str:
     """The environment variables of the run that change what the suite measures (limits.record stores them)."""
-    found = next((b["extra_info"]["settings"] for b in data.get("benchmarks", [])
+    found = next((b["extra_info"]["settings"] for b in data.get("suite_benchmarks", data.get("benchmarks", []))
                   if isinstance(b.get("extra_info", {}).get("settings"), dict)), {})
     return ", ".join(f"{k}={v}" for k, v in sorted(found.items())) or "defaults"
 
@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     reruns: list[str] = []
     for i, path in enumerate(json_paths):
         d = json.loads(path.read_text())
-        data = {**d, "benchmarks": []} if not data else data
+        data = {**d, "benchmarks": [], "suite_benchmarks": d.get("benchmarks", [])} if not data else data
         if i:
             reruns += [b["fullname"] for b in d.get("benchmarks", [])]
         by_name.update({b["fullname"]: b for b in d.get("benchmarks", [])})
