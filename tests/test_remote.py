@@ -79,7 +79,17 @@ def test_a_url_run_shares_every_file_and_opens_elsewhere(tmp_path, checkpoint, m
     assert len(list((shared / "rows").glob("*.parquet"))) == 12 + 4
     assert "sparseness" in (shared / "config.json").read_text()
     machine(monkeypatch, tmp_path, "third")
-    assert set(open_run(f"{url}/r").results.metric) >= {"sparseness", "deletion"}
+    third = open_run(f"{url}/r")
+    assert set(third.results.metric) >= {"sparseness", "deletion"}
+    # a report from a machine without the heatmaps: its gallery fetches the first shard of each method only,
+    # and the run's config on the URL (changed meanwhile by another machine) is not overwritten
+    (shared / "config.json").write_text((shared / "config.json").read_text().replace('"scored"', '"scored_x"', 1))
+    newer = (shared / "config.json").read_bytes()
+    third.config.gallery_images = 2
+    page = third.report().read_text()
+    assert "id='gallery'" in page and (shared / "plots" / "gallery_resnet10t.png").is_file()
+    assert len(list((third.path / "heatmaps").glob("*.safetensors"))) == 2  # 1 shard x 2 methods
+    assert (shared / "config.json").read_bytes() == newer
 
 
 def test_a_url_run_resumes_on_another_machine(tmp_path, checkpoint, monkeypatch):
@@ -163,3 +173,60 @@ def test_a_failed_upload_is_retried_on_resume(tmp_path, checkpoint, monkeypatch)
         "*.parquet")} and len(list((shared / "rows").glob("*.parquet"))) == 12
     same_rows(run(config(str(tmp_path / "local"), checkpoint), run_id="f", progress=False).results,
               open_run(f"{url}/f").results)
+
+
+def test_a_copy_of_an_earlier_run_of_that_name_is_not_trusted(tmp_path, checkpoint, monkeypatch):
+    """Machine A keeps a copy of run x; x is deleted from the URL and started anew (other weights) on
+    machine B; A resuming x works on the new run: its old rows and maps are dropped, not uploaded."""
+    url = f"file://{tmp_path}/shared"
+    machine(monkeypatch, tmp_path, "a")
+    run(config(url, checkpoint), run_id="x", progress=False)
+    shutil.rmtree(tmp_path / "shared" / "x")
+    torch.manual_seed(7)
+    other = tmp_path / "other.safetensors"
+    save_file(timm.create_model("resnet10t", num_classes=6).state_dict(), str(other))
+    machine(monkeypatch, tmp_path, "b")
+    run(config(url, other), run_id="x", progress=False, stop_after=3)
+    machine(monkeypatch, tmp_path, "a")
+    resumed = run(config(url, other), resume=f"{url}/x", progress=False)
+    same_rows(run(config(str(tmp_path / "local"), other), run_id="x", progress=False).results, resumed.results)
+    same_rows(resumed.results, open_run(f"{url}/x").results)
+
+
+def test_a_moved_run_resumes_where_it_is_now(tmp_path, checkpoint, monkeypatch):
+    """A run copied to another URL (or a local run copied into a bucket) and resumed there writes there."""
+    machine(monkeypatch, tmp_path, "a")
+    local = run(config(str(tmp_path / "local"), checkpoint), run_id="y", progress=False, stop_after=3)
+    shutil.copytree(local.path, tmp_path / "bucket" / "y")
+    shutil.copytree(local.path, tmp_path / "moved" / "y")
+    for where in ("bucket", "moved"):
+        url = f"file://{tmp_path}/{where}/y"
+        assert open_run(url).remote.url == url
+        resumed = run(config(url.rpartition("/")[0], checkpoint), resume=url, progress=False)
+        assert len(list((tmp_path / where / "y" / "rows").glob("*.parquet"))) == 12
+        same_rows(resumed.results, open_run(url).results)
+    assert len(list((local.path / "rows").glob("*.parquet"))) < 12  # the original was left alone
+
+
+def test_a_worker_uploads_what_a_failed_upload_left_in_its_copy(tmp_path, checkpoint, monkeypatch):
+    """A worker node whose upload failed has the task's rows in its own copy only: on the next call it
+    uploads them (maps first) rather than skipping the task for ever or computing it again."""
+    from saliencybench.benchmark.ray_executor import UnitWorker
+    from saliencybench.benchmark.tasks import plan_units
+
+    url = f"file://{tmp_path}/shared"
+    machine(monkeypatch, tmp_path, "node")
+    done = run(config(url, checkpoint), run_id="w", progress=False)
+    unit = plan_units(done.config, 4)[0]
+    shared = tmp_path / "shared" / "w"
+    lost = [shared / "heatmaps" / f"{unit.explain.key}.safetensors",
+            *(shared / "rows" / f"{t.key}.parquet" for t in unit.tasks())]
+    for f in lost:
+        f.unlink()  # as if the node's uploads had failed
+    threads = torch.get_num_threads()
+    try:
+        worker = UnitWorker((done.config.to_dict(), "w", str(done.path)), 1, 0.0)
+        reports = worker.run(unit, [], (done.config.to_dict(), "w", str(done.path)))
+    finally:
+        torch.set_num_threads(threads)
+    assert reports == [] and all(f.is_file() for f in lost)  # uploaded, not recomputed

@@ -29,8 +29,16 @@ class Executor(Protocol):
 
     def map(self, units: list[Unit], ctx: TaskContext, done: set[str]) -> Iterator[list[TaskDone]]: ...
 
-    # Optional: ``finish()``, called by :func:`~.runner.run` at its end, stops the workers kept between its
-    # map calls (unless a ``with`` block holds the executor; ``close()`` stops them in any case).
+    # Optional: ``finish()``, called at the end of a run (:func:`~.runner.run`, ``score_run``), stops the
+    # workers kept between its map calls (a RayExecutor held by a ``with`` block keeps them; ``close()``
+    # stops them in any case).
+
+
+def finish_executor(executor: Any) -> None:
+    """Tell ``executor`` its run is over (its optional ``finish()``: the workers it kept stop)."""
+    finish = getattr(executor, "finish", None)
+    if finish is not None:
+        finish()
 
 
 class LostWorkerError(SaliencyBenchError):

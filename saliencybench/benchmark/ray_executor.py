@@ -29,10 +29,12 @@ Cluster. ``address=None`` connects to the session this process already has
 (``ray.init`` called by the user: left running afterwards) or starts a local cluster with
 this machine's cores and shuts it down at the end; an ``address`` (``auto``,
 ``host:6379`` or ``ray://host:10001``) connects to a running cluster and disconnects at
-the end. The end is :meth:`RayExecutor.close`, which :func:`~.runner.run` calls when the
+the end. The end is :meth:`RayExecutor.finish`, which :func:`~.runner.run` calls when the
 run is over: the actors serve all of a run's ``map`` calls (its units, then its pair
-units), so each worker imports torch and timm and builds its context once per run. Ray is imported only here, on first use: without it a clear
-:class:`RayNotInstalledError` names the extra ``saliencybench[ray]``.
+units), so each worker imports torch and timm and builds its context once per run. Inside
+``with RayExecutor(...) as ex:`` ``finish`` keeps them for the next run and the block's
+end stops them (:meth:`RayExecutor.close`). Ray is imported only here, on first use: without
+it a clear :class:`RayNotInstalledError` names the extra ``saliencybench[ray]``.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from typing import Any
 from ..errors import SaliencyBenchError
 from .execute import TaskContext, TaskDone, run_unit
 from .executors import LostWorkerError
-from .remote import mirror_dir, remote_of, task_uploaded
+from .remote import mirror_dir, remote_of
 from .tasks import Unit
 
 IN_FLIGHT_PER_WORKER = 2
@@ -109,7 +111,7 @@ class UnitWorker:
             self.remote = remote_of(cfg.output, run_id)
             if self.remote is not None:  # a run URL: this node's own copy, filled and uploaded by the tasks
                 self.run_dir = mirror_dir(self.remote.url)
-                (self.run_dir / "rows").mkdir(parents=True, exist_ok=True)
+                self.remote.adopt(self.run_dir)  # emptied if it was a copy of another run of that name
             if self.gpus and cfg.device.startswith("cuda"):
                 cfg = config_from_dict({"device": "cuda"}, cfg)  # Ray shows the actor its own GPU(s) only
             elif not self.gpus and cfg.device == "auto":
@@ -139,9 +141,11 @@ class UnitWorker:
         self.prepare(setup)
         if self.error:
             raise SaliencyBenchError(f"the Ray worker could not start: {self.error}")
-        rows = self.run_dir / "rows"
-        finished = set(done) | {t.key for t in unit.tasks() if (rows / f"{t.key}.parquet").is_file() or (
-            self.remote is not None and task_uploaded(self.remote, t.key))}
+        keys = [t.key for t in unit.tasks() if t.key not in done]
+        if self.remote is not None:  # finished on the URL (uploading what a failed upload left here first)
+            finished = set(done) | self.remote.finished(self.run_dir, unit.explain.key, keys)
+        else:
+            finished = set(done) | {k for k in keys if (self.run_dir / "rows" / f"{k}.parquet").is_file()}
         return run_unit(unit, self.ctx, finished)
 
 
@@ -275,8 +279,9 @@ class RayExecutor:
         """Run ``units`` on Ray actors; yield each unit's finished tasks as it completes.
 
         The actors (and a cluster this executor started) are kept for the next ``map`` of the
-        same run (its pair units) and stopped by :meth:`close`, which :func:`~.runner.run` calls
-        at its end; an error, or a caller that stops early, stops them at once."""
+        same run (its pair units) and stopped by :meth:`finish`, which :func:`~.runner.run` calls
+        at its end (unless a ``with`` block holds them); an error, or a caller that stops early,
+        stops them at once."""
         if not units:
             return
         assert ctx.run_dir is not None

@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import struct
 import uuid
 from functools import lru_cache
@@ -39,6 +40,10 @@ from ..errors import SaliencyBenchError
 
 URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 SHARED_SUBDIRS = ("rows", "heatmaps")  # task outputs: uploaded by the tasks themselves
+OWN_UPLOADS = ("config.json", "models.json")  # uploaded where they change, never with the other outputs
+# File systems that rename (atomically within one volume): uploads go to a temporary name first. The
+# others (object stores: s3, gs, az, ...) make a PUT visible whole or not at all, and have no rename.
+RENAME_SCHEMES = ("file", "local", "hdfs", "webhdfs", "sftp", "ssh", "smb", "ftp")
 
 
 class RemoteStorageError(SaliencyBenchError):
@@ -74,6 +79,9 @@ class Remote:
     """The shared copy of one run, at ``url``, through fsspec."""
 
     def __init__(self, url: str) -> None:
+        if "?" in url or "#" in url:
+            raise RemoteStorageError(f"run URL {url!r} has a query or fragment: give the bucket and prefix only, "
+                                     "and the file system's options through its usual configuration")
         try:
             import fsspec
 
@@ -87,29 +95,52 @@ class Remote:
                                      "knows (s3://, gs://, az://, file://)") from None
         self.url = url.rstrip("/")
         self.root = self.root.rstrip("/")
+        self._headers: dict[str, dict[str, str]] = {}
 
     def path(self, rel: str) -> str:
-        return f"{self.root}/{rel}"
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def _fresh(self, path: str) -> None:
+        """Forget the file system's cached listing of ``path`` (s3fs and gcsfs keep one per directory:
+        files other machines added since would not be seen)."""
+        try:
+            self.fs.invalidate_cache(path)
+        except Exception:  # noqa: BLE001, S110 - a file system without a cache
+            pass
+
+    def _error(self, what: str, rel: str, e: Exception) -> RemoteStorageError:
+        return RemoteStorageError(f"cannot {what} {self.url}/{rel} ({type(e).__name__}: {e}); check the URL, the "
+                                  "credentials and the network, then resume the run (its files are kept)")
 
     def exists(self, rel: str) -> bool:
-        return bool(self.fs.exists(self.path(rel)))
+        self._fresh(self.path(rel).rpartition("/")[0])
+        try:
+            return bool(self.fs.exists(self.path(rel)))
+        except Exception as e:  # noqa: BLE001 - any file system's error
+            raise self._error("read", rel, e) from None
 
     def put(self, local: Path, rel: str) -> None:
-        """Upload ``local`` as ``rel``: to a temporary name beside it, then renamed."""
+        """Upload ``local`` as ``rel``, so that readers see the whole file or none: an object store's
+        PUT is atomic; on file systems with renames (``file``, HDFS, SFTP...) to a temporary name
+        beside it, then renamed."""
         target = self.path(rel)
         parent = target.rpartition("/")[0]
-        self.fs.makedirs(parent, exist_ok=True)
-        tmp = f"{parent}/.{target.rpartition('/')[2]}.{uuid.uuid4().hex}.tmp"
+        rename = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        tmp = f"{parent}/.{target.rpartition('/')[2]}.{uuid.uuid4().hex}.tmp" if rename in RENAME_SCHEMES else None
         try:
-            self.fs.put_file(str(local), tmp)
-            self.fs.mv(tmp, target)
+            if tmp is None:
+                self.fs.put_file(str(local), target)
+            else:
+                self.fs.makedirs(parent, exist_ok=True)
+                self.fs.put_file(str(local), tmp)
+                self.fs.mv(tmp, target)
         except Exception as e:  # noqa: BLE001 - any file system's error
-            try:
-                self.fs.rm(tmp)
-            except Exception:  # noqa: BLE001, S110 - the temporary file may not exist
-                pass
-            raise RemoteStorageError(f"cannot upload {local} to {self.url}/{rel} ({type(e).__name__}: {e}); the "
-                                     "file is kept in the local copy, resume the run to retry") from None
+            if tmp is not None:
+                try:
+                    self.fs.rm(tmp)
+                except Exception:  # noqa: BLE001, S110 - the temporary file may not exist
+                    pass
+            raise self._error("upload to", rel, e) from None
 
     def get(self, rel: str, local: Path) -> bool:
         """Download ``rel`` to ``local`` (atomically); False when the URL has no such file."""
@@ -120,30 +151,64 @@ class Remote:
         except FileNotFoundError:
             tmp.unlink(missing_ok=True)
             return False
+        except Exception as e:  # noqa: BLE001 - any file system's error
+            tmp.unlink(missing_ok=True)
+            raise self._error("download", rel, e) from None
         os.replace(tmp, local)
         return True
 
     def names(self, sub: str) -> set[str]:
-        """File names directly inside ``sub`` (temporary uploads excluded)."""
+        """File names directly inside ``sub`` (temporary uploads excluded), listed afresh."""
+        path = self.path(sub)
+        self._fresh(path)
         try:
-            entries = self.fs.ls(self.path(sub), detail=False)
+            entries = self.fs.ls(path, detail=False)
         except FileNotFoundError:
             return set()
+        except Exception as e:  # noqa: BLE001 - any file system's error
+            raise self._error("list", sub, e) from None
         names = {str(e).rstrip("/").rpartition("/")[2] for e in entries}
         return {n for n in names if not n.startswith(".")}
 
     def header(self, rel: str) -> dict[str, str]:
-        """The metadata of a safetensors file on the URL, from its first bytes only (two range reads)."""
-        path = self.path(rel)
-        n = struct.unpack("<Q", self.fs.cat_file(path, start=0, end=8))[0]
-        return json.loads(self.fs.cat_file(path, start=8, end=8 + n)).get("__metadata__", {}) or {}
+        """The metadata of a safetensors file on the URL, from its first bytes only (two range reads;
+        remembered: a finished task's file never changes)."""
+        if rel not in self._headers:
+            path = self.path(rel)
+            try:
+                n = struct.unpack("<Q", self.fs.cat_file(path, start=0, end=8))[0]
+                meta = json.loads(self.fs.cat_file(path, start=8, end=8 + n)).get("__metadata__", {}) or {}
+            except Exception as e:  # noqa: BLE001 - any file system's error
+                raise self._error("read", rel, e) from None
+            self._headers[rel] = meta
+        return self._headers[rel]
 
     # ---- whole-run moves ---------------------------------------------------------------------
 
+    def adopt(self, local: Path) -> bool:
+        """Make ``local`` this machine's copy of the run at the URL: its ``config.json`` downloaded,
+        and whatever ``local`` held emptied first when it was a copy of another run of that name
+        (another instance: the URL's run was deleted and started anew). False when the URL has no run."""
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.parent / f".{local.name}.config.{uuid.uuid4().hex}.json"
+        if not self.get("config.json", tmp):
+            return False
+        try:
+            if run_instance(local / "config.json") != run_instance(tmp):
+                shutil.rmtree(local, ignore_errors=True)
+            (local / "rows").mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, local / "config.json")
+        finally:
+            tmp.unlink(missing_ok=True)
+        return True
+
     def pull(self, local: Path, rows: bool = True) -> None:
-        """Download the run's top-level files (config, models) and, with ``rows``, the rows missing in ``local``."""
+        """:meth:`adopt` ``local``, then download the run's other top-level files (models, leaderboard)
+        and, with ``rows``, the rows missing in ``local``."""
+        if not self.adopt(local):
+            raise RemoteStorageError(f"{self.url!r} is not a saliencybench run (no config.json there)")
         for name in self.names(""):
-            if name.endswith((".json", ".csv", ".md", ".html")):
+            if name.endswith((".json", ".csv", ".md", ".html")) and name != "config.json":
                 self.get(name, local / name)
         if rows:
             have = {p.name for p in (local / "rows").glob("*.parquet")} if (local / "rows").is_dir() else set()
@@ -165,13 +230,33 @@ class Remote:
         return n
 
     def push_outputs(self, local: Path) -> None:
-        """Upload every file of the local copy outside ``rows/`` and ``heatmaps/`` (config, models,
-        leaderboard, report, plots)."""
+        """Upload the local copy's outputs: every file outside ``rows/`` and ``heatmaps/`` except
+        ``config.json`` and ``models.json``, which are uploaded where they change (leaderboard,
+        report, plots)."""
         for p in sorted(local.rglob("*")):
             rel = p.relative_to(local).as_posix()
-            if p.is_file() and rel.split("/", 1)[0] not in SHARED_SUBDIRS and not p.name.startswith("."):
+            if (p.is_file() and rel.split("/", 1)[0] not in SHARED_SUBDIRS and not p.name.startswith(".")
+                    and rel not in OWN_UPLOADS):
                 self.put(p, rel)
 
+    def finished(self, local: Path, explain_key: str, keys: list[str]) -> set[str]:
+        """Of one unit's task ``keys``, those finished on the URL. A task whose rows are in ``local``
+        but not on the URL (its upload failed before the run stopped) is uploaded first, its explain
+        task's heatmaps before any rows, and then counts as finished."""
+        have = self.names("rows")
+        out = {k for k in keys if f"{k}.parquet" in have}
+        left = [k for k in keys if k not in out and (local / "rows" / f"{k}.parquet").is_file()]
+        heat = local / "heatmaps" / f"{explain_key}.safetensors"
+        if left and heat.is_file() and f"{explain_key}.safetensors" not in self.names("heatmaps"):
+            self.put(heat, f"heatmaps/{heat.name}")
+        for k in left:
+            self.put(local / "rows" / f"{k}.parquet", f"rows/{k}.parquet")
+        return out | set(left)
+
+
+    def fetch_heatmap(self, store: Any, key: str) -> bool:
+        """Download one explain task's heatmap file into ``store`` unless it is there; False when the URL lacks it."""
+        return store.has(key) or self.get(f"heatmaps/{key}.safetensors", store.path(key))
 
     def fetch_heatmaps(self, store: Any, model: str, method: str) -> int:
         """Download into ``store`` (a :class:`~.store.HeatmapStore`) the heatmap files of ``model`` and
@@ -199,6 +284,11 @@ def remote_of(output: str, run_id: str) -> Remote | None:
     return remote_for(run_url(output, run_id)) if is_url(output) and run_id else None
 
 
-def task_uploaded(remote: Remote, key: str) -> bool:
-    """Whether the URL has the rows of task ``key`` (the mark of a finished task)."""
-    return remote.exists(f"rows/{key}.parquet")
+def run_instance(config_file: Path) -> str | None:
+    """Which instance of a run a ``config.json`` belongs to (a uuid written when the run starts;
+    runs from before it: its start time and config key); None when there is no readable file."""
+    try:
+        meta = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return None
+    return meta.get("instance") or f"{meta.get('started')}/{meta.get('config_key')}"

@@ -160,24 +160,38 @@ def summary_sentences(board: Board) -> list[str]:
     return out
 
 
+def _gallery_maps(ctx: TaskContext, model: str, want: int) -> dict[str, dict[str, torch.Tensor]]:
+    """``{method: {image id: map}}`` of ``model``'s first images, from the store: the explain tasks'
+    files read shard by shard in data-set order (fetched from a run URL on first use) until ``want``
+    images have a map of every method with maps; methods without any (n/a, not stored) left out."""
+    from .execute import stored_heat
+    from .tasks import plan_units
+
+    cfg = ctx.config
+    units = [u for u in plan_units(cfg, len(ctx.dataset)) if u.explain.model == model]
+    tasks = {m: [u.explain for u in units if u.explain.method == m] for m in cfg.methods}
+    maps: dict[str, dict[str, torch.Tensor]] = {m: {} for m in cfg.methods}
+    for shard in range(max((len(t) for t in tasks.values()), default=0)):
+        for method, ts in tasks.items():
+            heat = stored_heat(ts[shard], ctx) if shard < len(ts) else None
+            if heat is not None:
+                maps[method].update((heat.ids[i], heat.maps[i]) for i in sorted(heat.maps))
+        have = [m for m in maps.values() if m]
+        if have and sum(all(i in m for m in have) for i in have[0]) >= want:
+            break
+    return {m: v for m, v in maps.items() if v}
+
+
 def _gallery(run: Run, rows: pd.DataFrame, out: Path) -> list[Path]:
     """A gallery per model of its first images, true and predicted class over each, from the store."""
-    from .store import HeatmapStore
-
-    if not HeatmapStore(run.path).keys() or run.config.gallery_images < 1:
+    if not run.config.store_heatmaps or run.config.gallery_images < 1:
         return []
     cfg = run.config
     ctx = TaskContext(cfg, run.run_id, run.path)
     pred = rows[rows.metric == "top1_correct"].drop_duplicates(["model", "image_id"]) if not rows.empty else rows
     paths: list[Path] = []
     for model in cfg.models:
-        maps: dict[str, dict[str, torch.Tensor]] = {}
-        for method in cfg.methods:
-            try:
-                ids, heat = run.heatmaps(model, method)
-            except SaliencyBenchError:
-                continue
-            maps[method] = dict(zip(ids, heat))
+        maps = _gallery_maps(ctx, model, cfg.gallery_images)
         if not maps:
             continue
         first = next(iter(maps.values()))

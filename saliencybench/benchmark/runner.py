@@ -15,6 +15,8 @@ import dataclasses
 import datetime as dt
 import json
 import shutil
+import sys
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +28,10 @@ from tqdm.auto import tqdm
 from ..errors import SaliencyBenchError
 from .config import RunConfig, config_from_dict, part_config
 from .execute import TaskContext
-from .executors import Executor, InProcessExecutor, ProcessExecutor
+from .executors import Executor, InProcessExecutor, ProcessExecutor, finish_executor
 from .pretrain import train_missing
 from .provenance import package_versions
-from .remote import is_url, mirror_dir, remote_for, remote_of, run_url
+from .remote import RemoteStorageError, is_url, mirror_dir, remote_for, remote_of, run_url, split_run_url
 from .store import HeatmapStore, write_atomic
 from .tasks import Unit, iter_tasks, pair_units, plan_units
 from .validate import check_run_id, config_diff, validate
@@ -138,8 +140,9 @@ class Run:
 def open_run(path: str | Path) -> Run:
     """Open an existing run directory (its path), or a run URL (its config, models and rows are
     downloaded into this machine's copy first, :mod:`.remote`)."""
-    if is_url(path):
-        path = pull_run(str(path))
+    url = str(path).rstrip("/") if is_url(path) else None
+    if url is not None:
+        path = pull_run(url)
     path = Path(path)
     cfg_file = path / "config.json"
     if not path.is_dir():
@@ -159,6 +162,8 @@ def open_run(path: str | Path) -> Run:
     except SaliencyBenchError as e:
         warnings.warn(f"run {path}: {e}; its plug-in metrics and methods are not available", RuntimeWarning,
                       stacklevel=2)
+    if url is not None:  # the run lives where it was opened from (it may have been moved or copied there)
+        config = dataclasses.replace(config, output=split_run_url(url)[0])
     return Run(path, config)
 
 
@@ -168,18 +173,25 @@ def pull_run(url: str) -> Path:
     if not remote.exists("config.json"):
         raise RunDirectoryError(f"{url!r} is not a saliencybench run (no config.json there)")
     local = mirror_dir(remote.url)
-    (local / "rows").mkdir(parents=True, exist_ok=True)
     remote.pull(local)
     return local
+
+
+def resume_url(resume: str | Path, output: str | Path) -> str | None:
+    """The URL of the run ``resume`` names (itself, or a run id inside a URL ``output``), or None."""
+    if is_url(resume):
+        return str(resume).rstrip("/")
+    if is_url(output) and "/" not in str(resume):
+        return run_url(str(output), check_run_id(str(resume)))
+    return None
 
 
 def resolve_run_path(resume: str | Path, output: str | Path) -> Path:
     """``resume`` as given when it is an existing directory (or a run URL: this machine's copy of
     it), else the run id inside ``output`` (a directory or a URL)."""
-    if is_url(resume):
-        return pull_run(str(resume))
-    if is_url(output) and "/" not in str(resume):
-        return pull_run(run_url(str(output), check_run_id(str(resume))))
+    url = resume_url(resume, output)
+    if url is not None:
+        return pull_run(url)
     p = Path(resume)
     if p.is_dir():
         return p
@@ -214,7 +226,8 @@ def _write_run_dir(path: Path, config: RunConfig, where: str) -> Path:
     try:
         (path / "rows").mkdir(parents=True, exist_ok=True)
         write_json_atomic(path / "config.json", {
-            "config": config.to_dict(), "config_key": config.key(), "versions": package_versions(),
+            "config": config.to_dict(), "config_key": config.key(), "instance": uuid.uuid4().hex,
+            "versions": package_versions(),
             "started": dt.datetime.now().isoformat(timespec="seconds")})
     except OSError as e:
         raise RunDirectoryError(f"cannot create the run directory {where!r} ({e.strerror or e}); choose a "
@@ -264,9 +277,9 @@ def execute(units: list[Unit], ctx: TaskContext, path: Path, executor: Executor 
             stop_after: int | None, desc: str = "tasks") -> int:
     """Run the unfinished tasks of ``units``; returns how many finished in this call."""
     remote = ctx.remote
-    if remote is not None:  # files an upload left behind here, then rows other machines finished
-        remote.push_missing(path)
+    if remote is not None:  # this copy made the URL's (rows other machines finished), then files an upload left here
         remote.pull(path)
+        remote.push_missing(path)
     done = finished_tasks(path)
     total = sum(1 for _ in iter_tasks(units))
     todo_units = [u for u in units if any(t.key not in done for t in u.tasks())]
@@ -287,7 +300,13 @@ def execute(units: list[Unit], ctx: TaskContext, path: Path, executor: Executor 
         bar.close()
         write_models_json(path, ctx)
         if remote is not None:
-            remote.put(path / "models.json", "models.json")
+            in_flight = sys.exc_info()[1]  # the run's own error (or Ctrl-C), if one is on its way out
+            try:
+                remote.put(path / "models.json", "models.json")
+            except RemoteStorageError as e:
+                if in_flight is None:
+                    raise
+                warnings.warn(str(e), RuntimeWarning, stacklevel=2)  # the run's error is the one to see
     return count
 
 
@@ -322,7 +341,9 @@ def run(config: RunConfig | None = None, *, run_id: str | None = None, resume: s
             raise RunDirectoryError(
                 f"run {str(path)!r} was made with a different config (differing keys: {', '.join(keys) or 'plugins'}); "
                 "resume it with its own config (omit the flags that change it) or start a new run")
-        config = dataclasses.replace(old.config, device=config.device)
+        url = resume_url(resume, config.output)
+        config = dataclasses.replace(old.config, device=config.device,
+                                     **({"output": split_run_url(url)[0]} if url is not None else {}))
         ctx = TaskContext(config, path.name, path)
     else:
         ctx = TaskContext(config, "")
@@ -340,9 +361,7 @@ def run(config: RunConfig | None = None, *, run_id: str | None = None, resume: s
             execute(pairs, ctx, path, executor, progress, None if stop_after is None else stop_after - count,
                     desc="pairs")
     finally:
-        finish = getattr(executor, "finish", None)
-        if finish is not None:  # its workers served both calls above
-            finish()
+        finish_executor(executor)  # its workers served both calls above
     result = Run(path, config)
     if report:
         result.report()

@@ -25,7 +25,7 @@ from ..errors import NotApplicableError, SaliencyBenchError
 from ..metrics.base import get_metric
 from .config import RunConfig, merge_params
 from .execute import TaskContext
-from .executors import Executor
+from .executors import Executor, finish_executor
 from .plugins import load_plugins
 from .runner import Run, execute, write_json_atomic
 from .tasks import Task, Unit, score_tasks, shards
@@ -67,7 +67,10 @@ def score_run(run: Run, metrics: list[str], *, methods: list[str] | None = None,
         write_json_atomic(meta_file, meta)
         if run.remote is not None:
             run.remote.put(meta_file, "config.json")
-    execute(units, ctx, run.path, executor, progress, stop_after, desc="score")
+    try:
+        execute(units, ctx, run.path, executor, progress, stop_after, desc="score")
+    finally:
+        finish_executor(executor)
     return run
 
 
