@@ -202,9 +202,13 @@ def test_a_moved_run_resumes_where_it_is_now(tmp_path, checkpoint, monkeypatch):
     for where in ("bucket", "moved"):
         url = f"file://{tmp_path}/{where}/y"
         assert open_run(url).remote.url == url
-        resumed = run(config(url.rpartition("/")[0], checkpoint), resume=url, progress=False)
+        if where == "bucket":
+            resumed = run(config(url.rpartition("/")[0], checkpoint), resume=url, progress=False).results
+        else:  # from the command line
+            assert main(["run", "--resume", url, "--quiet", "--no-report"]) == 0
+            resumed = open_run(mirror_dir(url)).results
         assert len(list((tmp_path / where / "y" / "rows").glob("*.parquet"))) == 12
-        same_rows(resumed.results, open_run(url).results)
+        same_rows(resumed, open_run(url).results)
     assert len(list((local.path / "rows").glob("*.parquet"))) < 12  # the original was left alone
 
 

@@ -364,14 +364,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     from .textboard import render
 
     if args.command == "run":
-        from .runner import ProcessExecutor, resolve_run_path, run
+        from .runner import ProcessExecutor, run
 
         cfg = _config(args)
         executor = _executor(args, ProcessExecutor, cfg)
-        resume = resolve_run_path(args.resume, cfg.output) if args.resume else None
-        result = run(cfg, run_id=args.run_id, resume=resume, executor=executor, progress=not args.quiet)
+        result = run(cfg, run_id=args.run_id, resume=args.resume, executor=executor, progress=not args.quiet)
         board, csv = write_leaderboard(result)
         print(render(board, "text", _width(None)))
+        if result.remote is not None:
+            print(f"run: {result.remote.url} (this machine's copy below)")
         print(f"results: {result.path}\nleaderboard: {csv}\n             {result.path / 'ranking.csv'}\n"
               f"             {result.path / 'leaderboard.md'}")
         if not args.no_report:
