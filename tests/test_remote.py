@@ -233,4 +233,42 @@ def test_a_worker_uploads_what_a_failed_upload_left_in_its_copy(tmp_path, checkp
         reports = worker.run(unit, [], (done.config.to_dict(), "w", str(done.path)))
     finally:
         torch.set_num_threads(threads)
-    assert reports == [] and all(f.is_file() for f in lost)  # uploaded, not recomputed
+    assert {r.key for r in reports} == {t.key for t in unit.tasks()} and all(r.rows == 0 for r in reports)
+    assert all(f.is_file() for f in lost)  # uploaded (and reported, for the driver to fetch), not recomputed
+
+    # The run is deleted and started anew under that name: a worker serving it empties its copy first
+    # (the setup names the run's instance), and computes the tasks again
+    shutil.rmtree(shared)
+    from saliencybench.benchmark.remote import run_instance
+
+    machine(monkeypatch, tmp_path, "driver")
+    again = run(config(url, checkpoint), run_id="w", progress=False, stop_after=1)
+    setup = (again.config.to_dict(), "w", str(again.path), run_instance(again.path / "config.json"))
+    for f in lost[1:]:
+        f.unlink(missing_ok=True)
+    machine(monkeypatch, tmp_path, "node")
+    try:
+        reports = worker.run(unit, [], setup)
+    finally:
+        torch.set_num_threads(threads)
+    assert {r.key for r in reports} == {t.key for t in unit.tasks()} and all(r.rows > 0 for r in reports)
+
+
+def test_a_driver_whose_run_was_replaced_stops(tmp_path, checkpoint, monkeypatch):
+    """Machine A works on run z from its copy; z is deleted from the URL and started anew on machine
+    B: A's resume, report and score stop with a clear error and write nothing into B's run."""
+    from saliencybench.benchmark.remote import RunReplacedError
+
+    url = f"file://{tmp_path}/shared"
+    machine(monkeypatch, tmp_path, "a")
+    mine = run(config(url, checkpoint), run_id="z", progress=False, stop_after=3)
+    shutil.rmtree(tmp_path / "shared" / "z")
+    machine(monkeypatch, tmp_path, "b")
+    run(config(url, checkpoint), run_id="z", progress=False, stop_after=3)
+    before = sorted(p.name for p in (tmp_path / "shared" / "z").rglob("*"))
+    machine(monkeypatch, tmp_path, "a")
+    for attempt in (lambda: run(config(url, checkpoint), resume=mine.path, progress=False), mine.report,
+                    lambda: mine.score(["sparseness"], progress=False)):
+        with pytest.raises(RunReplacedError, match="replaced"):
+            attempt()
+    assert sorted(p.name for p in (tmp_path / "shared" / "z").rglob("*")) == before

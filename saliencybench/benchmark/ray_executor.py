@@ -51,7 +51,7 @@ from typing import Any
 from ..errors import SaliencyBenchError
 from .execute import TaskContext, TaskDone, run_unit
 from .executors import LostWorkerError
-from .remote import mirror_dir, remote_of
+from .remote import mirror_dir, remote_of, run_instance
 from .tasks import Unit
 
 IN_FLIGHT_PER_WORKER = 2
@@ -76,7 +76,8 @@ def import_ray() -> Any:
     return ray
 
 
-Setup = tuple[dict[str, Any], str, str]  # (config as a dict, run id, run directory): what a worker serves
+# (config as a dict, run id, run directory, the run's instance: see remote.run_instance): what a worker serves
+Setup = tuple[dict[str, Any], str, str, str | None]
 
 
 class UnitWorker:
@@ -104,7 +105,7 @@ class UnitWorker:
         from .config import config_from_dict
         from .plugins import load_plugins
 
-        config, run_id, run_dir = setup
+        config, run_id, run_dir = setup[:3]
         self.setup, self.run_dir, self.error, self.remote = setup, Path(run_dir), "", None
         try:
             cfg = config_from_dict(config)
@@ -137,16 +138,18 @@ class UnitWorker:
                 "run_dir_visible": visible, "version": saliencybench.__version__}
 
     def run(self, unit: Unit, done: list[str], setup: Setup) -> list[TaskDone]:
-        """Run the unit's tasks not in ``done`` and not already written (a retried call skips those)."""
+        """Run the unit's tasks not in ``done`` and not already written (a retried call skips those);
+        the tasks found written are reported too (with 0 rows), so the driver counts and fetches them."""
         self.prepare(setup)
         if self.error:
             raise SaliencyBenchError(f"the Ray worker could not start: {self.error}")
         keys = [t.key for t in unit.tasks() if t.key not in done]
         if self.remote is not None:  # finished on the URL (uploading what a failed upload left here first)
-            finished = set(done) | self.remote.finished(self.run_dir, unit.explain.key, keys)
+            found = self.remote.finished(self.run_dir, unit.explain.key, keys)
         else:
-            finished = set(done) | {k for k in keys if (self.run_dir / "rows" / f"{k}.parquet").is_file()}
-        return run_unit(unit, self.ctx, finished)
+            found = {k for k in keys if (self.run_dir / "rows" / f"{k}.parquet").is_file()}
+        written = [TaskDone(t.key, t.label(), 0, 0.0) for t in unit.tasks() if t.key in found]
+        return written + run_unit(unit, self.ctx, set(done) | found)
 
 
 class RayExecutor:
@@ -299,7 +302,7 @@ class RayExecutor:
 
     def _actors_for(self, ray: Any, ctx: TaskContext, n_units: int) -> list[Any]:
         """The running actors (their context rebuilt when they served another run), else new ones."""
-        setup: Setup = (ctx.config.to_dict(), ctx.run_id, str(ctx.run_dir))
+        setup: Setup = (ctx.config.to_dict(), ctx.run_id, str(ctx.run_dir), run_instance(ctx.run_dir / "config.json"))
         if self._actors and ray.is_initialized() and self._gpus(ray, ctx.config.device) == self._actor_gpus:
             if setup != self._setup:
                 t0 = time.perf_counter()
@@ -379,7 +382,7 @@ class RayExecutor:
                 raise LostWorkerError(
                     f"a Ray worker died while running {units[i].explain.label()} and its {self.max_retries} retries "
                     f"are used up ({type(e).__name__}); rows already computed are kept: continue with "
-                    f"`saliencybench run --resume {ctx.run_dir}`") from None
+                    f"`saliencybench run --resume {ctx.remote.url if ctx.remote is not None else ctx.run_dir}`") from None
             if queue:
                 submit(a)
             yield reports

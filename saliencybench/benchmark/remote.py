@@ -7,15 +7,23 @@ computes and reads a run works on the local copy as on any run directory; this m
 moves files between the two:
 
 - every task writes its rows and heatmaps into the mirror (atomically) and uploads them
-  (:meth:`Remote.put`: to a temporary name, then renamed, so readers of the URL see a whole
-  file or none), the heatmaps before the rows, so a task whose rows are on the URL has its
-  heatmaps there too; on a Ray cluster each worker does this on its own node;
+  (:meth:`Remote.put`: one PUT on an object store, which is atomic; elsewhere to a temporary
+  name, then renamed, so readers of the URL see a whole file or none), the heatmaps before
+  the rows, so a task whose rows are on the URL has its heatmaps there too; on a Ray cluster
+  each worker does this on its own node;
 - the driver downloads the rows of finished tasks (never the heatmaps) into its mirror
   for the leaderboard; a task that needs stored heatmaps (a resumed run's maps, the pair
   metrics' partner maps) downloads them on first use, and ``run.heatmaps(model, method)``
   reads only the safetensors headers of the others (a range read) to find its files;
 - the run's other files (config, models, leaderboard, report, plots) are uploaded when
   written; resuming or opening a URL first downloads config, models and rows.
+
+Each run has an *instance* (a uuid in its ``config.json``): a local copy of an earlier run of
+the same name (deleted from the URL and started anew) is emptied when the run is opened,
+resumed or served by a worker, and a driver whose run was replaced on the URL while it ran
+stops with :class:`RunReplacedError` instead of writing into the new one. Files
+deleted from the URL on purpose are uploaded again from a machine's copy that still has them
+(delete them there too, or start a new run).
 
 fsspec is the file-system layer of pandas, pyarrow and Dask; the file system's own
 package (``s3fs``, ``gcsfs``, ``adlfs``) must be installed for its scheme (a clear
@@ -32,6 +40,8 @@ import re
 import shutil
 import struct
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -48,6 +58,10 @@ RENAME_SCHEMES = ("file", "local", "hdfs", "webhdfs", "sftp", "ssh", "smb", "ftp
 
 class RemoteStorageError(SaliencyBenchError):
     """A run URL cannot be used (unknown scheme, missing file-system package, unreachable)."""
+
+
+class RunReplacedError(RemoteStorageError):
+    """The run at a URL was deleted and started anew while this machine worked on its old copy."""
 
 
 def is_url(where: Any) -> bool:
@@ -133,7 +147,11 @@ class Remote:
             else:
                 self.fs.makedirs(parent, exist_ok=True)
                 self.fs.put_file(str(local), tmp)
+                if rename not in ("file", "local") and self.fs.exists(target):
+                    self.fs.rm(target)  # HDFS, SMB: a rename does not replace (a moment without the file)
                 self.fs.mv(tmp, target)
+                if rename not in ("file", "local") and not self.fs.exists(target):
+                    raise OSError(f"the rename of {tmp} to {target} did not happen")
         except Exception as e:  # noqa: BLE001 - any file system's error
             if tmp is not None:
                 try:
@@ -185,26 +203,53 @@ class Remote:
 
     # ---- whole-run moves ---------------------------------------------------------------------
 
+    def instance(self) -> str | None:
+        """The instance of the run at the URL (see :func:`run_instance`); None when it has no run."""
+        with _scratch(Path(os.environ.get("TMPDIR", "/tmp"))) as tmp:
+            if not self.get("config.json", tmp):
+                return None
+            found = run_instance(tmp)
+        if found is None:
+            raise RemoteStorageError(f"{self.url}/config.json cannot be read as a run's config; fix or remove it")
+        return found
+
+    def check_instance(self, local: Path) -> None:
+        """Raise :class:`RunReplacedError` when the run at the URL is not the one ``local`` is a copy
+        of (it was deleted and started anew while this machine worked on it)."""
+        mine, theirs = run_instance(local / "config.json"), self.instance()
+        if mine is not None and mine != theirs:
+            raise RunReplacedError(
+                f"the run at {self.url} was replaced by another run of that name while this machine worked on "
+                f"it (this copy: {local}); nothing more was written there. Open or resume {self.url} again to "
+                "work on the new run, or use another --run-id")
+
     def adopt(self, local: Path) -> bool:
         """Make ``local`` this machine's copy of the run at the URL: its ``config.json`` downloaded,
         and whatever ``local`` held emptied first when it was a copy of another run of that name
-        (another instance: the URL's run was deleted and started anew). False when the URL has no run."""
+        (another instance: the URL's run was deleted and started anew). Safe for several processes
+        of one machine at once (a lock beside the copy). False when the URL has no run."""
         local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.parent / f".{local.name}.config.{uuid.uuid4().hex}.json"
-        if not self.get("config.json", tmp):
-            return False
-        try:
-            if run_instance(local / "config.json") != run_instance(tmp):
-                shutil.rmtree(local, ignore_errors=True)
+        with _locked(local.parent / f".{local.name}.lock"), _scratch(local.parent) as tmp:
+            if not self.get("config.json", tmp):
+                return False
+            theirs = run_instance(tmp)
+            if theirs is None:
+                raise RemoteStorageError(f"{self.url}/config.json cannot be read as a run's config; fix or remove it")
+            mine = run_instance(local / "config.json")
+            if mine is not None and mine != theirs:
+                aside = local.with_name(f".{local.name}.replaced-{uuid.uuid4().hex}")
+                os.replace(local, aside)  # atomic: no process sees a half-emptied copy
+                shutil.rmtree(aside, ignore_errors=True)
             (local / "rows").mkdir(parents=True, exist_ok=True)
             os.replace(tmp, local / "config.json")
-        finally:
-            tmp.unlink(missing_ok=True)
         return True
 
-    def pull(self, local: Path, rows: bool = True) -> None:
+    def pull(self, local: Path, rows: bool = True, same: bool = False) -> None:
         """:meth:`adopt` ``local``, then download the run's other top-level files (models, leaderboard)
-        and, with ``rows``, the rows missing in ``local``."""
+        and, with ``rows``, the rows missing in ``local``. ``same``: ``local`` must stay a copy of the
+        run it is (:meth:`check_instance`) rather than be emptied for a new one."""
+        if same:
+            self.check_instance(local)
         if not self.adopt(local):
             raise RemoteStorageError(f"{self.url!r} is not a saliencybench run (no config.json there)")
         for name in self.names(""):
@@ -232,7 +277,8 @@ class Remote:
     def push_outputs(self, local: Path) -> None:
         """Upload the local copy's outputs: every file outside ``rows/`` and ``heatmaps/`` except
         ``config.json`` and ``models.json``, which are uploaded where they change (leaderboard,
-        report, plots)."""
+        report, plots), when the URL's run is still the one ``local`` is a copy of."""
+        self.check_instance(local)
         for p in sorted(local.rglob("*")):
             rel = p.relative_to(local).as_posix()
             if (p.is_file() and rel.split("/", 1)[0] not in SHARED_SUBDIRS and not p.name.startswith(".")
@@ -240,14 +286,17 @@ class Remote:
                 self.put(p, rel)
 
     def finished(self, local: Path, explain_key: str, keys: list[str]) -> set[str]:
-        """Of one unit's task ``keys``, those finished on the URL. A task whose rows are in ``local``
-        but not on the URL (its upload failed before the run stopped) is uploaded first, its explain
-        task's heatmaps before any rows, and then counts as finished."""
-        have = self.names("rows")
-        out = {k for k in keys if f"{k}.parquet" in have}
-        left = [k for k in keys if k not in out and (local / "rows" / f"{k}.parquet").is_file()]
+        """Of one unit's task ``keys``, those finished on the URL (one existence check each). A task
+        whose rows are in ``local`` but not on the URL (its upload failed before the run stopped) is
+        uploaded first, its explain task's heatmaps before any rows, and then counts as finished."""
+        out, left = set(), []
+        for k in keys:
+            if self.exists(f"rows/{k}.parquet"):
+                out.add(k)
+            elif (local / "rows" / f"{k}.parquet").is_file():
+                left.append(k)
         heat = local / "heatmaps" / f"{explain_key}.safetensors"
-        if left and heat.is_file() and f"{explain_key}.safetensors" not in self.names("heatmaps"):
+        if left and heat.is_file() and not self.exists(f"heatmaps/{heat.name}"):
             self.put(heat, f"heatmaps/{heat.name}")
         for k in left:
             self.put(local / "rows" / f"{k}.parquet", f"rows/{k}.parquet")
@@ -282,6 +331,33 @@ def remote_for(url: str) -> Remote:
 def remote_of(output: str, run_id: str) -> Remote | None:
     """The shared copy of run ``run_id`` when ``output`` is a URL, else None."""
     return remote_for(run_url(output, run_id)) if is_url(output) and run_id else None
+
+
+@contextmanager
+def _scratch(folder: Path) -> Iterator[Path]:
+    """A temporary file name in ``folder``, removed afterwards."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".saliencybench-{os.getpid()}-{uuid.uuid4().hex}.tmp"
+    try:
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` among this machine's processes (where ``fcntl`` exists)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock (one process per copy there)
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def run_instance(config_file: Path) -> str | None:

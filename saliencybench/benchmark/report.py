@@ -58,10 +58,11 @@ def _rows_and_board(run: Run) -> tuple[pd.DataFrame, Board]:
                                models_info=_models_info(run))
 
 
-def write_leaderboard(run: Run, board: Board | None = None) -> tuple[Board, Path]:
+def write_leaderboard(run: Run, board: Board | None = None, push: bool = True) -> tuple[Board, Path]:
     """Compute the board; save ``leaderboard.csv`` (per model, metric and method), ``ranking.csv``
     (model, method, criterion, rank, group), ``leaderboard.md``, ``sanity.csv``, ``settings.csv`` and
-    ``localisation_error.csv`` under ``<run>/``; return the board and the CSV path."""
+    ``localisation_error.csv`` under ``<run>/`` (and, with ``push``, on a run URL); return the board and
+    the CSV path."""
     if board is None:
         _, board = _rows_and_board(run)
     board.metrics.to_csv(run.path / "leaderboard.csv", index=False)
@@ -75,7 +76,7 @@ def write_leaderboard(run: Run, board: Board | None = None) -> tuple[Board, Path
     md = render_markdown(board)
     md += "\n## Settings\n\n" + _settings_md(board) + "\n"
     (run.path / "leaderboard.md").write_text(md)
-    if run.remote is not None:
+    if push and run.remote is not None:
         run.remote.push_outputs(run.path)
     return board, run.path / "leaderboard.csv"
 
@@ -163,7 +164,8 @@ def summary_sentences(board: Board) -> list[str]:
 def _gallery_maps(ctx: TaskContext, model: str, want: int) -> dict[str, dict[str, torch.Tensor]]:
     """``{method: {image id: map}}`` of ``model``'s first images, from the store: the explain tasks'
     files read shard by shard in data-set order (fetched from a run URL on first use) until ``want``
-    images have a map of every method with maps; methods without any (n/a, not stored) left out."""
+    images have a map of every method with maps; methods without any (n/a, not stored) left out.
+    (In an unfinished run, a method whose first shards are not stored yet may be left out.)"""
     from .execute import stored_heat
     from .tasks import plan_units
 
@@ -173,7 +175,10 @@ def _gallery_maps(ctx: TaskContext, model: str, want: int) -> dict[str, dict[str
     maps: dict[str, dict[str, torch.Tensor]] = {m: {} for m in cfg.methods}
     for shard in range(max((len(t) for t in tasks.values()), default=0)):
         for method, ts in tasks.items():
-            heat = stored_heat(ts[shard], ctx) if shard < len(ts) else None
+            try:
+                heat = stored_heat(ts[shard], ctx) if shard < len(ts) else None
+            except SaliencyBenchError:  # a file that cannot be read or fetched: the method is left out there
+                heat = None
             if heat is not None:
                 maps[method].update((heat.ids[i], heat.maps[i]) for i in sorted(heat.maps))
         have = [m for m in maps.values() if m]
@@ -243,7 +248,7 @@ def write_report(run: Run | str | Path, board: Board | None = None) -> Path:
     run = run if isinstance(run, Run) else open_run(run)
     if board is None:
         rows, board = _rows_and_board(run)
-        write_leaderboard(run, board)
+        write_leaderboard(run, board, push=False)  # uploaded with the report below
     else:
         rows = board.rows if not board.rows.empty else run.results
     out = run.path / "plots"

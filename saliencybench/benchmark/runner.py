@@ -15,7 +15,6 @@ import dataclasses
 import datetime as dt
 import json
 import shutil
-import sys
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -87,8 +86,9 @@ class Run:
         """All result rows written so far (long format); unreadable row files are skipped with a warning."""
         rows, bad = read_rows(self.path)
         if bad:
+            where = self.remote.url if self.remote is not None else self.path
             warnings.warn(f"{len(bad)} row file(s) of {self.path} cannot be read and are left out: "
-                          f"{', '.join(bad[:5])}; `saliencybench run --resume {self.path}` recomputes them",
+                          f"{', '.join(bad[:5])}; `saliencybench run --resume {where}` recomputes them",
                           RuntimeWarning, stacklevel=2)
         return rows
 
@@ -277,15 +277,15 @@ def execute(units: list[Unit], ctx: TaskContext, path: Path, executor: Executor 
             stop_after: int | None, desc: str = "tasks") -> int:
     """Run the unfinished tasks of ``units``; returns how many finished in this call."""
     remote = ctx.remote
-    if remote is not None:  # this copy made the URL's (rows other machines finished), then files an upload left here
-        remote.pull(path)
+    if remote is not None:  # rows other machines finished (the URL's run must still be this one), then files an
+        remote.pull(path, same=True)  # upload left only here
         remote.push_missing(path)
     done = finished_tasks(path)
     total = sum(1 for _ in iter_tasks(units))
     todo_units = [u for u in units if any(t.key not in done for t in u.tasks())]
     bar = tqdm(total=total, initial=sum(1 for t in iter_tasks(units) if t.key in done), desc=desc,
                disable=not progress, dynamic_ncols=True)
-    count = 0
+    count, ended = 0, False
     try:
         for reports in (executor or InProcessExecutor()).map(todo_units, ctx, done):
             for r in reports:
@@ -296,17 +296,17 @@ def execute(units: list[Unit], ctx: TaskContext, path: Path, executor: Executor 
                 count += 1
             if stop_after is not None and count >= stop_after:
                 break
+        ended = True
     finally:
         bar.close()
         write_models_json(path, ctx)
         if remote is not None:
-            in_flight = sys.exc_info()[1]  # the run's own error (or Ctrl-C), if one is on its way out
             try:
                 remote.put(path / "models.json", "models.json")
             except RemoteStorageError as e:
-                if in_flight is None:
+                if ended:
                     raise
-                warnings.warn(str(e), RuntimeWarning, stacklevel=2)  # the run's error is the one to see
+                warnings.warn(str(e), RuntimeWarning, stacklevel=2)  # the run's own error is the one to see
     return count
 
 

@@ -59,6 +59,8 @@ def score_run(run: Run, metrics: list[str], *, methods: list[str] | None = None,
     record = {"metrics": metrics, "metric_params": params, "methods": methods, "models": models,
               "at": dt.datetime.now().isoformat(timespec="seconds")}
     meta_file = run.path / "config.json"
+    if run.remote is not None:
+        run.remote.check_instance(run.path)
     meta = json.loads(meta_file.read_text())
     same = [r for r in meta.get("scored", []) if {k: v for k, v in r.items() if k != "at"}
             == {k: v for k, v in record.items() if k != "at"}]
