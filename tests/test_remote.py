@@ -4,6 +4,7 @@ resumes the run from the URL alone, and bad URLs get clear errors."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from saliencybench.benchmark.cli import main
 from saliencybench.benchmark.config import config_from_dict
 from saliencybench.benchmark.remote import Remote, RemoteStorageError, mirror_dir, remote_for
 from saliencybench.benchmark.runner import open_run, run
+from saliencybench.errors import SaliencyBenchError
 
 KEY = ("model", "method", "metric", "image_id", "metric_params", "stage")
 
@@ -252,6 +254,10 @@ def test_a_worker_uploads_what_a_failed_upload_left_in_its_copy(tmp_path, checkp
     finally:
         torch.set_num_threads(threads)
     assert {r.key for r in reports} == {t.key for t in unit.tasks()} and all(r.rows > 0 for r in reports)
+    stale = (*setup[:3], "an-earlier-instance")  # a driver still working on the run that was replaced
+    with pytest.raises(SaliencyBenchError, match="replaced"):
+        UnitWorker(stale, 1, 0.0).run(unit, [], stale)
+    torch.set_num_threads(threads)
 
 
 def test_a_driver_whose_run_was_replaced_stops(tmp_path, checkpoint, monkeypatch):
@@ -267,8 +273,18 @@ def test_a_driver_whose_run_was_replaced_stops(tmp_path, checkpoint, monkeypatch
     run(config(url, checkpoint), run_id="z", progress=False, stop_after=3)
     before = sorted(p.name for p in (tmp_path / "shared" / "z").rglob("*"))
     machine(monkeypatch, tmp_path, "a")
+    # another process on machine A opens the URL meanwhile: it makes A's copy one of the new run
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", f"from saliencybench.benchmark.runner import open_run; open_run({url!r} + '/z')"],
+                   check=True, env={**os.environ, "SALIENCYBENCH_CACHE": str(tmp_path / "a")})
     for attempt in (lambda: run(config(url, checkpoint), resume=mine.path, progress=False), mine.report,
-                    lambda: mine.score(["sparseness"], progress=False)):
+                    lambda: mine.score(["sparseness"], progress=False),
+                    lambda: mine.heatmaps("resnet10t", "gradcam")):
         with pytest.raises(RunReplacedError, match="replaced"):
             attempt()
     assert sorted(p.name for p in (tmp_path / "shared" / "z").rglob("*")) == before
+    shutil.rmtree(tmp_path / "shared" / "z")
+    with pytest.raises(RunReplacedError, match="deleted"):
+        mine.report()

@@ -286,7 +286,7 @@ def _score_imported(args: argparse.Namespace, write_leaderboard, write_report, r
                              metrics=_csv(args.metrics) if args.metrics else None,
                              methods=_csv(args.methods) if args.methods else None, config=cfg, run_id=args.run_id,
                              progress=not args.quiet)
-    board, _ = write_leaderboard(run_obj)
+    board, _ = write_leaderboard(run_obj, push=args.no_report)  # else uploaded with the report
     print(render(board, "text", _width(None)))
     print(f"results: {run_obj.path}")
     if not args.no_report:
@@ -369,7 +369,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         cfg = _config(args)
         executor = _executor(args, ProcessExecutor, cfg)
         result = run(cfg, run_id=args.run_id, resume=args.resume, executor=executor, progress=not args.quiet)
-        board, csv = write_leaderboard(result)
+        board, csv = write_leaderboard(result, push=args.no_report)  # else uploaded with the report
         print(render(board, "text", _width(None)))
         if result.remote is not None:
             print(f"run: {result.remote.url} (this machine's copy below)")
@@ -390,7 +390,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         run_obj = _open(args.run)
         run_obj.score(_csv(args.metrics), methods=_csv(args.methods) if args.methods else None,
                       models=_csv(args.models) if args.models else None, progress=not args.quiet)
-        board, csv = write_leaderboard(run_obj)
+        board, csv = write_leaderboard(run_obj, push=args.no_report)  # else uploaded with the report
         print(render(board, "text", _width(None)))
         if not args.no_report:
             print(f"report: {write_report(run_obj, board)}")

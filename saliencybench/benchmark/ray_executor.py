@@ -112,7 +112,9 @@ class UnitWorker:
             self.remote = remote_of(cfg.output, run_id)
             if self.remote is not None:  # a run URL: this node's own copy, filled and uploaded by the tasks
                 self.run_dir = mirror_dir(self.remote.url)
-                self.remote.adopt(self.run_dir)  # emptied if it was a copy of another run of that name
+                # emptied if it was a copy of another run of that name; the URL must hold the driver's run
+                if not self.remote.adopt(self.run_dir, expect=setup[3] if len(setup) > 3 else None):
+                    raise SaliencyBenchError(f"{self.remote.url} holds no run (no config.json)")
             if self.gpus and cfg.device.startswith("cuda"):
                 cfg = config_from_dict({"device": "cuda"}, cfg)  # Ray shows the actor its own GPU(s) only
             elif not self.gpus and cfg.device == "auto":

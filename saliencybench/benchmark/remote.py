@@ -110,6 +110,7 @@ class Remote:
         self.url = url.rstrip("/")
         self.root = self.root.rstrip("/")
         self._headers: dict[str, dict[str, str]] = {}
+        self._expected: dict[str, str] = {}  # local copy -> the run instance this process works on there
 
     def path(self, rel: str) -> str:
         return f"{self.root}/{rel}" if rel else self.root
@@ -204,37 +205,67 @@ class Remote:
     # ---- whole-run moves ---------------------------------------------------------------------
 
     def instance(self) -> str | None:
-        """The instance of the run at the URL (see :func:`run_instance`); None when it has no run."""
-        with _scratch(Path(os.environ.get("TMPDIR", "/tmp"))) as tmp:
-            if not self.get("config.json", tmp):
-                return None
-            found = run_instance(tmp)
-        if found is None:
-            raise RemoteStorageError(f"{self.url}/config.json cannot be read as a run's config; fix or remove it")
-        return found
+        """The instance of the run at the URL (see :func:`run_instance`); None when it has no run (asked
+        again after a moment first: a file system without replacing renames has no config.json while
+        another machine replaces it)."""
+        import tempfile
+        import time
+
+        for wait in (0.0, 0.5, 2.0):
+            time.sleep(wait)
+            with _scratch(Path(tempfile.gettempdir())) as tmp:
+                if self.get("config.json", tmp):
+                    found = run_instance(tmp)
+                    if found is None:
+                        raise RemoteStorageError(f"{self.url}/config.json cannot be read as a run's config; fix "
+                                                 "or remove it")
+                    return found
+        return None
+
+    def _replaced(self, theirs: str | None) -> RunReplacedError:
+        what = ("was deleted" if theirs is None else "was replaced by another run of that name")
+        return RunReplacedError(
+            f"the run at {self.url} {what} while this process worked on it; nothing more was written there. "
+            f"{'Open or resume it again to work on the new run' if theirs else 'Start it again'}, or use "
+            "another --run-id")
+
+    def expect(self, local: Path, instance: str) -> None:
+        """Record that this process works on run ``instance`` in the copy ``local``."""
+        self._expected[str(Path(local).resolve())] = instance
+
+    def expected(self, local: Path) -> str | None:
+        """The run instance this process works on in the copy ``local`` (recorded when it created,
+        opened or resumed the run; else read from the copy: another process may change that file)."""
+        return self._expected.get(str(Path(local).resolve())) or run_instance(local / "config.json")
 
     def check_instance(self, local: Path) -> None:
-        """Raise :class:`RunReplacedError` when the run at the URL is not the one ``local`` is a copy
-        of (it was deleted and started anew while this machine worked on it)."""
-        mine, theirs = run_instance(local / "config.json"), self.instance()
-        if mine is not None and mine != theirs:
-            raise RunReplacedError(
-                f"the run at {self.url} was replaced by another run of that name while this machine worked on "
-                f"it (this copy: {local}); nothing more was written there. Open or resume {self.url} again to "
-                "work on the new run, or use another --run-id")
+        """Raise :class:`RunReplacedError` when the run at the URL is not the one this process works on
+        in ``local`` (:meth:`expected`): it was deleted, or deleted and started anew, meanwhile."""
+        mine = self.expected(local)
+        if mine is None:
+            return
+        theirs = self.instance()
+        if theirs != mine:
+            raise self._replaced(theirs)
 
-    def adopt(self, local: Path) -> bool:
+    def adopt(self, local: Path, expect: str | None = None) -> bool:
         """Make ``local`` this machine's copy of the run at the URL: its ``config.json`` downloaded,
         and whatever ``local`` held emptied first when it was a copy of another run of that name
-        (another instance: the URL's run was deleted and started anew). Safe for several processes
-        of one machine at once (a lock beside the copy). False when the URL has no run."""
+        (another instance: the URL's run was deleted and started anew). ``expect``: the instance the
+        caller works on; another one at the URL raises :class:`RunReplacedError` (checked under the
+        lock). Records the instance (:meth:`expect`). Safe for several processes of one machine at once
+        (a lock beside the copy). False when the URL has no run."""
         local.parent.mkdir(parents=True, exist_ok=True)
         with _locked(local.parent / f".{local.name}.lock"), _scratch(local.parent) as tmp:
             if not self.get("config.json", tmp):
+                if expect is not None:
+                    raise self._replaced(None)
                 return False
             theirs = run_instance(tmp)
             if theirs is None:
                 raise RemoteStorageError(f"{self.url}/config.json cannot be read as a run's config; fix or remove it")
+            if expect is not None and theirs != expect:
+                raise self._replaced(theirs)
             mine = run_instance(local / "config.json")
             if mine is not None and mine != theirs:
                 aside = local.with_name(f".{local.name}.replaced-{uuid.uuid4().hex}")
@@ -242,15 +273,15 @@ class Remote:
                 shutil.rmtree(aside, ignore_errors=True)
             (local / "rows").mkdir(parents=True, exist_ok=True)
             os.replace(tmp, local / "config.json")
+            self.expect(local, theirs)
         return True
 
     def pull(self, local: Path, rows: bool = True, same: bool = False) -> None:
         """:meth:`adopt` ``local``, then download the run's other top-level files (models, leaderboard)
-        and, with ``rows``, the rows missing in ``local``. ``same``: ``local`` must stay a copy of the
-        run it is (:meth:`check_instance`) rather than be emptied for a new one."""
-        if same:
-            self.check_instance(local)
-        if not self.adopt(local):
+        and, with ``rows``, the rows missing in ``local``. ``same``: the URL must still hold the run
+        this process works on there (:meth:`expected`) rather than a new one."""
+        expect = self.expected(local) if same else None
+        if not self.adopt(local, expect=expect):
             raise RemoteStorageError(f"{self.url!r} is not a saliencybench run (no config.json there)")
         for name in self.names(""):
             if name.endswith((".json", ".csv", ".md", ".html")) and name != "config.json":

@@ -246,6 +246,8 @@ def write_report(run: Run | str | Path, board: Board | None = None) -> Path:
     """Write ``<run>/report.html`` (and the leaderboard files, unless ``board`` is given: then they are
     written already); returns its path."""
     run = run if isinstance(run, Run) else open_run(run)
+    if run.remote is not None:  # the URL still holds this run (its maps are fetched from there below)
+        run.remote.check_instance(run.path)
     if board is None:
         rows, board = _rows_and_board(run)
         write_leaderboard(run, board, push=False)  # uploaded with the report below

@@ -15,6 +15,7 @@ import dataclasses
 import datetime as dt
 import json
 import shutil
+import time
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -30,10 +31,13 @@ from .execute import TaskContext
 from .executors import Executor, InProcessExecutor, ProcessExecutor, finish_executor
 from .pretrain import train_missing
 from .provenance import package_versions
-from .remote import RemoteStorageError, is_url, mirror_dir, remote_for, remote_of, run_url, split_run_url
+from .remote import (RemoteStorageError, is_url, mirror_dir, remote_for, remote_of, run_instance, run_url,
+                     split_run_url)
 from .store import HeatmapStore, write_atomic
 from .tasks import Unit, iter_tasks, pair_units, plan_units
 from .validate import check_run_id, config_diff, validate
+
+INSTANCE_CHECK_S = 60.0  # how often a run on a URL checks that the URL still holds it
 
 __all__ = ["Run", "run", "open_run", "InProcessExecutor", "ProcessExecutor", "TaskContext", "read_rows",
            "resolve_run_path", "write_models_json"]
@@ -99,6 +103,7 @@ class Run:
 
         store = HeatmapStore(self.path)
         if self.remote is not None:
+            self.remote.check_instance(self.path)
             self.remote.fetch_heatmaps(store, model, method)
         ids, maps = store.select(model, method)
         if not ids:
@@ -235,6 +240,7 @@ def _write_run_dir(path: Path, config: RunConfig, where: str) -> Path:
     remote = remote_of(config.output, path.name)
     if remote is not None:
         remote.put(path / "config.json", "config.json")
+        remote.expect(path, run_instance(path / "config.json"))
     return path
 
 
@@ -285,9 +291,12 @@ def execute(units: list[Unit], ctx: TaskContext, path: Path, executor: Executor 
     todo_units = [u for u in units if any(t.key not in done for t in u.tasks())]
     bar = tqdm(total=total, initial=sum(1 for t in iter_tasks(units) if t.key in done), desc=desc,
                disable=not progress, dynamic_ncols=True)
-    count, ended = 0, False
+    count, ended, checked = 0, False, time.monotonic()
     try:
         for reports in (executor or InProcessExecutor()).map(todo_units, ctx, done):
+            if remote is not None and time.monotonic() - checked > INSTANCE_CHECK_S:
+                remote.check_instance(path)  # the URL's run was not replaced meanwhile (one small read)
+                checked = time.monotonic()
             for r in reports:
                 if remote is not None and not (path / "rows" / f"{r.key}.parquet").is_file():
                     remote.get(f"rows/{r.key}.parquet", path / "rows" / f"{r.key}.parquet")  # from another node
@@ -302,6 +311,7 @@ def execute(units: list[Unit], ctx: TaskContext, path: Path, executor: Executor 
         write_models_json(path, ctx)
         if remote is not None:
             try:
+                remote.check_instance(path)
                 remote.put(path / "models.json", "models.json")
             except RemoteStorageError as e:
                 if ended:
