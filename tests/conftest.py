@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 import timm
 import torch
+from safetensors.torch import save_file
 from torch import nn
 import pytest
 
@@ -55,6 +60,25 @@ def make_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float64, **k
 def make_images(b: int = 2, size: int = 64, seed: int = 1, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(b, 3, size, size, generator=g).to(dtype)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """A random-init resnet10t with a 6-class head (seed 0) saved as safetensors (read only: shared)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "resnet10t.safetensors"
+    save_file(timm.create_model("resnet10t", num_classes=6).state_dict(), str(path))
+    return path
+
+
+@contextmanager
+def torch_threads_kept() -> Iterator[None]:
+    """Restore torch's thread count afterwards (a Ray worker's body sets it when built in-process)."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -21,16 +21,6 @@ from saliencybench.benchmark.report import write_report
 from saliencybench.benchmark.runner import run
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A random-init resnet10t with a 6-class head saved as safetensors (the checkpoint path)."""
-    torch.manual_seed(0)
-    model = timm.create_model("resnet10t", num_classes=6)
-    path = tmp_path_factory.mktemp("ckpt") / "resnet10t.safetensors"
-    save_file(model.state_dict(), str(path))
-    return path
-
-
 def tiny_config(tmp: Path, checkpoint: Path, **kw) -> RunConfig:
     base = dict(models=["resnet10t"], methods=["saliency", "gradcam", "cam", "random", "occlusion"],
                 metrics=["deletion", "insertion", "pointing_game", "energy_pointing_game", "box_iou",

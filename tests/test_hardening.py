@@ -14,10 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import timm
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 from torch import nn
 
 import saliencybench as sb
@@ -27,12 +25,9 @@ from saliencybench.benchmark.runner import run
 from saliencybench.errors import InvalidInputError, SaliencyBenchError, UnknownNameError
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "r.safetensors"
-    save_file(timm.create_model("resnet10t", num_classes=6).state_dict(), str(path))
-    return path
+@pytest.fixture
+def ckpt(checkpoint) -> Path:
+    return checkpoint
 
 
 def base_args(out: Path, ckpt: Path) -> list[str]:

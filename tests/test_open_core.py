@@ -52,15 +52,6 @@ def centre_mass(heatmaps, *, margin: float = 0.25):
 '''
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = timm.create_model("resnet10t", num_classes=6)
-    path = tmp_path_factory.mktemp("ckpt") / "resnet10t.safetensors"
-    save_file(model.state_dict(), str(path))
-    return path
-
-
 def small(tmp: Path, checkpoint: Path, **kw):
     base = dict(models=["resnet10t"], methods=["saliency", "gradcam", "random"], metrics=["deletion", "pointing_game"],
                 dataset_params={"size": 48}, image_size=48, n_images=4, batch_size=2,

@@ -16,7 +16,7 @@ from saliencybench.errors import InvalidInputError
 from saliencybench.methods.base import explain, upsample
 from saliencybench.metrics.localisation import box_iou
 
-from test_benchmark import checkpoint, tiny_config  # noqa: F401  (fixture)
+from test_benchmark import tiny_config
 
 
 def _sample(h: int = 50, w: int = 100, box=(10.0, 5.0, 30.0, 25.0)) -> Sample:

@@ -38,16 +38,6 @@ KEY = ["model", "method", "metric", "image_id", "metric_params", "stage"]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A random-init resnet10t with a 6-class head saved as safetensors."""
-    torch.manual_seed(0)
-    model = timm.create_model("resnet10t", num_classes=6)
-    path = tmp_path_factory.mktemp("ckpt") / "resnet10t.safetensors"
-    save_file(model.state_dict(), str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[None]:
     import ray
 
@@ -140,6 +130,8 @@ def test_a_held_executor_serves_runs_without_restarting(tmp_path, checkpoint, ra
     assert set(b.method) == {"gradcam"} and len(b[b.metric == "pointing_game"]) == 4
 
     # An actor that Ray restarts gets its first constructor arguments (run a's); the call names run b.
+    from conftest import torch_threads_kept
+
     from saliencybench.benchmark.ray_executor import UnitWorker
     from saliencybench.benchmark.runner import open_run
     from saliencybench.benchmark.tasks import plan_units
@@ -148,12 +140,9 @@ def test_a_held_executor_serves_runs_without_restarting(tmp_path, checkpoint, ra
     unit = plan_units(run_b.config, 4)[0]
     for t in unit.tasks():
         (run_b.path / "rows" / f"{t.key}.parquet").unlink()
-    threads = torch.get_num_threads()
-    try:
+    with torch_threads_kept():
         worker = UnitWorker((run_a.config.to_dict(), "a", str(run_a.path)), 1, 0.0)
         reports = worker.run(unit, [], (run_b.config.to_dict(), "b", str(run_b.path)))
-    finally:
-        torch.set_num_threads(threads)
     assert {r.key for r in reports} == {t.key for t in unit.tasks()}
     same_rows(open_run(run_b.path).results, b)
 

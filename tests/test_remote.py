@@ -22,14 +22,6 @@ from saliencybench.errors import SaliencyBenchError
 KEY = ("model", "method", "metric", "image_id", "metric_params", "stage")
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "resnet10t.safetensors"
-    save_file(timm.create_model("resnet10t", num_classes=6).state_dict(), str(path))
-    return path
-
-
 def config(output: str, checkpoint: Path, **kw):
     base = dict(models=["resnet10t"], methods=["saliency", "gradcam"], metrics=["deletion", "pointing_game"],
                 dataset_params={"size": 64}, image_size=64, n_images=4, batch_size=2, device="cpu", inspect=[],
@@ -217,6 +209,8 @@ def test_a_moved_run_resumes_where_it_is_now(tmp_path, checkpoint, monkeypatch):
 def test_a_worker_uploads_what_a_failed_upload_left_in_its_copy(tmp_path, checkpoint, monkeypatch):
     """A worker node whose upload failed has the task's rows in its own copy only: on the next call it
     uploads them (maps first) rather than skipping the task for ever or computing it again."""
+    from conftest import torch_threads_kept
+
     from saliencybench.benchmark.ray_executor import UnitWorker
     from saliencybench.benchmark.tasks import plan_units
 
@@ -229,12 +223,9 @@ def test_a_worker_uploads_what_a_failed_upload_left_in_its_copy(tmp_path, checkp
             *(shared / "rows" / f"{t.key}.parquet" for t in unit.tasks())]
     for f in lost:
         f.unlink()  # as if the node's uploads had failed
-    threads = torch.get_num_threads()
-    try:
+    with torch_threads_kept():
         worker = UnitWorker((done.config.to_dict(), "w", str(done.path)), 1, 0.0)
         reports = worker.run(unit, [], (done.config.to_dict(), "w", str(done.path)))
-    finally:
-        torch.set_num_threads(threads)
     assert {r.key for r in reports} == {t.key for t in unit.tasks()} and all(r.rows == 0 for r in reports)
     assert all(f.is_file() for f in lost)  # uploaded (and reported, for the driver to fetch), not recomputed
 
@@ -249,15 +240,12 @@ def test_a_worker_uploads_what_a_failed_upload_left_in_its_copy(tmp_path, checkp
     for f in lost[1:]:
         f.unlink(missing_ok=True)
     machine(monkeypatch, tmp_path, "node")
-    try:
+    with torch_threads_kept():
         reports = worker.run(unit, [], setup)
-    finally:
-        torch.set_num_threads(threads)
     assert {r.key for r in reports} == {t.key for t in unit.tasks()} and all(r.rows > 0 for r in reports)
     stale = (*setup[:3], "an-earlier-instance")  # a driver still working on the run that was replaced
-    with pytest.raises(SaliencyBenchError, match="replaced"):
+    with torch_threads_kept(), pytest.raises(SaliencyBenchError, match="replaced"):
         UnitWorker(stale, 1, 0.0).run(unit, [], stale)
-    torch.set_num_threads(threads)
 
 
 def test_a_driver_whose_run_was_replaced_stops(tmp_path, checkpoint, monkeypatch):

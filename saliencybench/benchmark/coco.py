@@ -15,7 +15,8 @@ import torch
 
 from ..errors import SaliencyBenchError
 from .datasets import GroundTruthDataset, Sample, UnreadableImageError, boxes_mask, register_dataset
-from .real_datasets import Box, _check_n_images, _id_name, _require_dir, _require_file, clip_boxes, read_image
+from .real_datasets import Box, LastImageReader, _check_n_images, _id_name, _require_dir, _require_file, clip_boxes
+
 
 @dataclass(frozen=True)
 class CocoEntry:
@@ -31,7 +32,7 @@ class CocoEntry:
     boxes: tuple[Box, ...]
 
 
-class CocoDataset(GroundTruthDataset):
+class CocoDataset(LastImageReader, GroundTruthDataset):
     """COCO samples: boxes from ``bbox``, mask the union of the instance segmentations."""
 
     def __init__(self, entries: list[CocoEntry], classes: list[str], coco: Any, annotation_file: Path):
@@ -39,13 +40,6 @@ class CocoDataset(GroundTruthDataset):
         self.multi_label = True
         self.coco = coco
         self.annotation_file = annotation_file
-        self._cache: tuple[Path, torch.Tensor] | None = None
-
-    def image(self, path: Path) -> torch.Tensor:
-        """The image at ``path`` as Tensor[3,H,W] (the last one read is cached for multi-label images)."""
-        if self._cache is None or self._cache[0] != path:
-            self._cache = (path, read_image(path))
-        return self._cache[1].clone()
 
     def load(self, key: CocoEntry) -> Sample:
         img = self.image(key.path)

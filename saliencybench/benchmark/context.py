@@ -64,6 +64,11 @@ class TaskContext:
         return remote_of(self.config.output, self.run_id)
 
     @property
+    def location(self) -> str:
+        """Where the run lives, as a user names it (``--resume``): its URL, else its directory."""
+        return self.remote.url if self.remote is not None else str(self.run_dir)
+
+    @property
     def device(self) -> torch.device:
         if self._device is None:
             self._device = resolve_device(self.config.device)

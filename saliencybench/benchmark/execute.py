@@ -279,8 +279,7 @@ def stored_heat(task: Task, ctx: TaskContext) -> Heat | None:
     """The explain task's heatmaps read from the store (downloaded first from a run URL's shared copy
     when this machine lacks them), or None if they are not stored."""
     store = HeatmapStore(ctx.run_dir)
-    if not store.has(task.key) and not (ctx.remote is not None and ctx.remote.get(
-            f"heatmaps/{task.key}.safetensors", store.path(task.key))):
+    if not (store.has(task.key) or (ctx.remote is not None and ctx.remote.fetch_heatmap(store, task.key))):
         return None
     ids, maps, meta = store.read(task.key)
     if meta.get("not_applicable"):

@@ -153,7 +153,7 @@ class ProcessExecutor:
                         raise LostWorkerError(
                             f"a worker process died {self.restarts} times (killed or out of memory); {len(lost)} "
                             f"units were not finished. Rows already computed are kept: continue with "
-                            f"`saliencybench run --resume {ctx.remote.url if ctx.remote else ctx.run_dir}`") from None
+                            f"`saliencybench run --resume {ctx.location}`") from None
                     warnings.warn(f"a worker process died (killed or out of memory); restarting the pool and "
                                   f"rerunning the {len(lost)} unfinished units (restart {self.restarts} of "
                                   f"{self.max_restarts})", RuntimeWarning, stacklevel=2)

@@ -115,10 +115,14 @@ DEFAULT_RECIPES = {
 _HEAD_PREFIXES = ("pre_logits.", "head.", "fc.", "classifier.")  # timm: the modules forward_head runs
 
 
+def cache_root() -> Path:
+    """saliencybench's cache on this machine: ``$SALIENCYBENCH_CACHE`` or ``~/.cache/saliencybench``."""
+    return Path(os.environ.get("SALIENCYBENCH_CACHE") or Path.home() / ".cache" / "saliencybench")
+
+
 def cache_dir() -> Path:
     """Where trained default models are cached."""
-    root = os.environ.get("SALIENCYBENCH_CACHE") or Path.home() / ".cache" / "saliencybench"
-    path = Path(root) / "models"
+    path = cache_root() / "models"
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -80,6 +80,13 @@ def import_ray() -> Any:
 Setup = tuple[dict[str, Any], str, str, str | None]
 
 
+def _kill(ray: Any, actors: list[Any]) -> None:
+    """Stop ``actors`` for good (those already gone with their node or cluster are skipped)."""
+    for a in actors:
+        with contextlib.suppress(Exception):
+            ray.kill(a, no_restart=True)
+
+
 class UnitWorker:
     """The body of one Ray actor: a :class:`TaskContext` built for a run, then its units one by one.
 
@@ -253,9 +260,7 @@ class RayExecutor:
         try:
             self._check_workers(ray, [a.info.remote() for a in actors], ctx)
         except BaseException:
-            for a in actors:
-                with contextlib.suppress(Exception):
-                    ray.kill(a, no_restart=True)
+            _kill(ray, actors)
             raise
         return actors
 
@@ -268,9 +273,8 @@ class RayExecutor:
             if info["error"]:
                 raise RayClusterError(f"a Ray worker on {info['host']} could not start: {info['error']}")
             if not info["run_dir_visible"]:
-                where = ctx.remote.url if ctx.remote is not None else ctx.run_dir
                 raise RayClusterError(
-                    f"the run directory {where} is not visible on Ray node {info['host']}: put --output on "
+                    f"the run directory {ctx.location} is not visible on Ray node {info['host']}: put --output on "
                     "storage every node mounts at the same path, or give it as a URL every node can reach "
                     "(s3://, gs://, ...)")
             if info["version"] != saliencybench.__version__:
@@ -340,9 +344,7 @@ class RayExecutor:
         if not actors and not self._owned:
             return
         ray = import_ray()
-        for a in actors:
-            with contextlib.suppress(Exception):  # already gone with its node or cluster
-                ray.kill(a, no_restart=True)
+        _kill(ray, actors)
         if self._owned:
             self._owned = False
             ray.shutdown()
@@ -384,7 +386,7 @@ class RayExecutor:
                 raise LostWorkerError(
                     f"a Ray worker died while running {units[i].explain.label()} and its {self.max_retries} retries "
                     f"are used up ({type(e).__name__}); rows already computed are kept: continue with "
-                    f"`saliencybench run --resume {ctx.remote.url if ctx.remote is not None else ctx.run_dir}`") from None
+                    f"`saliencybench run --resume {ctx.location}`") from None
             if queue:
                 submit(a)
             yield reports

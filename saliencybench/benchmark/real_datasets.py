@@ -180,7 +180,19 @@ class BoxEntry:
         return all(self.box_difficult)
 
 
-class BoxDataset(GroundTruthDataset):
+class LastImageReader:
+    """Reads a data set's images, keeping the last one (a multi-label image gives a sample per class)."""
+
+    _last: tuple[Path, torch.Tensor] | None = None
+
+    def image(self, path: Path) -> torch.Tensor:
+        """The image at ``path`` as Tensor[3,H,W] (the last one read is cached for multi-label images)."""
+        if self._last is None or self._last[0] != path:
+            self._last = (path, read_image(path))
+        return self._last[1].clone()
+
+
+class BoxDataset(LastImageReader, GroundTruthDataset):
     """Samples whose ground truth is boxes; the mask is the union of the sample's boxes."""
 
     def __init__(self, entries: list[BoxEntry], classes: list[str], multi_label: bool):
@@ -189,13 +201,6 @@ class BoxDataset(GroundTruthDataset):
         self.unannotated: list[Path] = []
         self.synsets: list[str] | None = None
         self.split: str | None = None
-        self._cache: tuple[Path, torch.Tensor] | None = None
-
-    def image(self, path: Path) -> torch.Tensor:
-        """The image at ``path`` as Tensor[3,H,W] (the last one read is cached for multi-label images)."""
-        if self._cache is None or self._cache[0] != path:
-            self._cache = (path, read_image(path))
-        return self._cache[1].clone()
 
     def load(self, key: BoxEntry) -> Sample:
         img = self.image(key.path)

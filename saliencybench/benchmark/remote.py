@@ -85,8 +85,9 @@ def mirror_dir(url: str) -> Path:
     output, run_id = split_run_url(url)
     scheme = output.split("://", 1)[0].lower()
     digest = hashlib.sha256(output.rstrip("/").encode()).hexdigest()[:16]
-    root = os.environ.get("SALIENCYBENCH_CACHE") or Path.home() / ".cache" / "saliencybench"
-    return Path(root) / "mirror" / f"{scheme}-{digest}" / run_id
+    from .models import cache_root
+
+    return cache_root() / "mirror" / f"{scheme}-{digest}" / run_id
 
 
 class Remote:
@@ -215,12 +216,15 @@ class Remote:
             time.sleep(wait)
             with _scratch(Path(tempfile.gettempdir())) as tmp:
                 if self.get("config.json", tmp):
-                    found = run_instance(tmp)
-                    if found is None:
-                        raise RemoteStorageError(f"{self.url}/config.json cannot be read as a run's config; fix "
-                                                 "or remove it")
-                    return found
+                    return self._instance_of(tmp)
         return None
+
+    def _instance_of(self, downloaded: Path) -> str:
+        """The instance in a ``config.json`` just downloaded from the URL; an unreadable one is an error."""
+        found = run_instance(downloaded)
+        if found is None:
+            raise RemoteStorageError(f"{self.url}/config.json cannot be read as a run's config; fix or remove it")
+        return found
 
     def _replaced(self, theirs: str | None) -> RunReplacedError:
         what = ("was deleted" if theirs is None else "was replaced by another run of that name")
@@ -261,9 +265,7 @@ class Remote:
                 if expect is not None:
                     raise self._replaced(None)
                 return False
-            theirs = run_instance(tmp)
-            if theirs is None:
-                raise RemoteStorageError(f"{self.url}/config.json cannot be read as a run's config; fix or remove it")
+            theirs = self._instance_of(tmp)
             if expect is not None and theirs != expect:
                 raise self._replaced(theirs)
             mine = run_instance(local / "config.json")
@@ -332,7 +334,6 @@ class Remote:
         for k in left:
             self.put(local / "rows" / f"{k}.parquet", f"rows/{k}.parquet")
         return out | set(left)
-
 
     def fetch_heatmap(self, store: Any, key: str) -> bool:
         """Download one explain task's heatmap file into ``store`` unless it is there; False when the URL lacks it."""
